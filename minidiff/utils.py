@@ -1,0 +1,60 @@
+"""Small helpers shared by every minidiff module: broadcasting, devices, smoke mode.
+
+Notation used across the library (see docs/DESIGN.md):
+
+| symbol        | code name                  | meaning                                        |
+|---------------|----------------------------|------------------------------------------------|
+| T             | ``T``                      | number of discrete training timesteps          |
+| alpha_bar_t   | ``alphas_cumprod[t]``      | signal fraction, DDPM (Ho et al. 2020, Eq. 4)  |
+| sigma         | ``sigma``                  | VE noise level sqrt((1-alpha_bar)/alpha_bar)   |
+| x_t           | ``x``                      | sqrt(alpha_bar) x_0 + sqrt(1-alpha_bar) eps    |
+| x0_hat        | ``x0_hat``                 | the denoiser's estimate of x_0                 |
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "check_finite"]
+
+
+def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims so ``v`` (shape (B,) or ()) broadcasts against a tensor of ``target_ndim`` dims."""
+    v = torch.as_tensor(v)
+    missing = target_ndim - v.ndim
+    if missing < 0:
+        raise ValueError(
+            f"append_dims: input has {v.ndim} dims {tuple(v.shape)}, more than target_ndim={target_ndim}"
+        )
+    return v.reshape(*v.shape, *([1] * missing))
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The one device helper of the course: CUDA, then Apple MPS, then CPU (or ``prefer`` / $MINIDIFF_DEVICE)."""
+    prefer = prefer or os.environ.get("MINIDIFF_DEVICE")
+    if prefer:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def smoke_mode() -> bool:
+    """True when $MINIDIFF_SMOKE is set to a true value: CI runs every notebook with tiny workloads."""
+    return os.environ.get("MINIDIFF_SMOKE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def smoke(full, small):
+    """Return ``small`` in smoke mode and ``full`` otherwise (the same code path, a smaller workload)."""
+    return small if smoke_mode() else full
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Raise ValueError naming ``name`` if ``x`` holds NaN or inf; return ``x`` unchanged otherwise."""
+    if not torch.isfinite(x).all():
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, got {n_bad} NaN/inf values out of {x.numel()}")
+    return x
