@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "check_finite"]
+__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite"]
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -50,6 +50,18 @@ def smoke_mode() -> bool:
 def smoke(full, small):
     """Return ``small`` in smoke mode and ``full`` otherwise (the same code path, a smaller workload)."""
     return small if smoke_mode() else full
+
+
+def budget(n: int, smoke_n: int | None = None) -> int:
+    """A workload size (steps, samples, batch): ``n`` normally, ``smoke_n`` (default ``max(1, n // 100)``) in smoke mode.
+
+    Notebooks write ``n_steps = budget(3000)``: students see the real number, CI runs a hundredth of it.
+    """
+    if n < 1:
+        raise ValueError(f"budget: n must be >= 1, got {n}")
+    if not smoke_mode():
+        return n
+    return smoke_n if smoke_n is not None else max(1, n // 100)
 
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
