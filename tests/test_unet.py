@@ -1,0 +1,181 @@
+"""Tests of minidiff.unet: shapes at every size and condition, conditioning semantics, gradients, errors, presets."""
+import pytest
+import torch
+
+from minidiff.unet import PRESETS, UNet, UNetConfig, unet_from_preset
+
+# A small config with 3 levels and attention at the two lowest, cheap enough for every test.
+SMALL = dict(in_channels=2, out_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+             attn_levels=(1, 2), num_groups=4, num_heads=2)
+CONDITIONS = ["none", "class", "context", "context_masked"]
+
+
+def make_net(gen, cond="none", **kw):
+    """A SMALL net for a condition type, with its zero-initialised output conv perturbed so outputs depend on x."""
+    cfg = dict(SMALL, **kw)
+    if cond == "class":
+        cfg["num_classes"] = 5
+    if cond.startswith("context"):
+        cfg["context_dim"] = 6
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    net = UNet(UNetConfig(**cfg))
+    with torch.no_grad():
+        net.conv_out.weight.normal_(0, 0.1, generator=gen)
+        net.conv_out.bias.normal_(0, 0.1, generator=gen)
+    return net
+
+
+def cond_kwargs(cond, B, gen, L=4):
+    if cond == "class":
+        return dict(class_labels=torch.randint(0, 5, (B,), generator=gen))
+    if cond == "context":
+        return dict(context=torch.randn(B, L, 6, generator=gen))
+    if cond == "context_masked":
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[:, -1] = False
+        return dict(context=torch.randn(B, L, 6, generator=gen), context_mask=mask)
+    return {}
+
+
+@pytest.mark.parametrize("cond", CONDITIONS)
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (28, 28), (32, 32), (64, 64), (13, 30)])
+def test_output_shape_equals_input_shape(gen, size, cond):
+    net = make_net(gen, cond)
+    B = 2
+    x = torch.randn(B, 2, *size, generator=gen)
+    y = net(x, torch.rand(B, generator=gen) * 1000, **cond_kwargs(cond, B, gen))
+    assert y.shape == (B, 3, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_internal_padding_is_zero_pad_right_bottom_then_crop(gen):
+    # 3 levels need multiples of 4: a 13x30 input is run as 16x32 (zeros right/bottom) and cropped back.
+    net = make_net(gen).eval()
+    x, t = torch.randn(1, 2, 13, 30, generator=gen), torch.tensor([321.0])
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3))  # 16 x 32
+    assert torch.allclose(net(x, t), net(padded, t)[:, :, :13, :30], atol=1e-6)
+
+
+def test_output_is_zero_at_init():
+    net = UNet(UNetConfig(**SMALL))
+    x = torch.randn(2, 2, 16, 16)
+    assert torch.equal(net(x, torch.tensor([1.0, 2.0])), torch.zeros(2, 3, 16, 16))
+
+
+def test_null_class_equals_no_labels(gen):
+    net = make_net(gen, "class").eval()
+    x, t = torch.randn(3, 2, 16, 16, generator=gen), torch.tensor([5.0, 250.0, 999.0])
+    assert torch.equal(net(x, t), net(x, t, class_labels=torch.full((3,), 5)))
+
+
+def test_different_classes_give_different_outputs(gen):
+    net = make_net(gen, "class").eval()
+    x, t = torch.randn(1, 2, 16, 16, generator=gen).expand(5, -1, -1, -1), torch.full((5,), 400.0)
+    y = net(x, t, class_labels=torch.arange(5))  # (5, 3, 16, 16): same x, each class once
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert (y[i] - y[j]).abs().max() > 1e-4
+
+
+def test_masked_context_token_has_no_influence(gen):
+    net = make_net(gen, "context").eval()
+    B, L = 2, 4
+    x, t = torch.randn(B, 2, 16, 16, generator=gen), torch.tensor([100.0, 700.0])
+    ctx = torch.randn(B, L, 6, generator=gen)
+    mask = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    changed = ctx.clone()
+    changed[~mask] = torch.randn(int((~mask).sum()), 6, generator=gen) * 10
+    y = net(x, t, context=ctx, context_mask=mask)
+    assert torch.allclose(y, net(x, t, context=changed, context_mask=mask), atol=1e-5)
+    # ...while changing a kept token does change the output.
+    changed[0, 0] += 1.0
+    assert (net(x, t, context=changed, context_mask=mask)[0] - y[0]).abs().max() > 1e-4
+
+
+def test_all_masked_context_equals_no_context(gen):
+    net = make_net(gen, "context").eval()
+    x, t = torch.randn(2, 2, 8, 8, generator=gen), torch.tensor([10.0, 20.0])
+    ctx = torch.randn(2, 3, 6, generator=gen)
+    y = net(x, t, context=ctx, context_mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, net(x, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("cond", CONDITIONS)
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_gradients_reach_every_parameter(gen, cond, scale_shift):
+    net = make_net(gen, cond, scale_shift=scale_shift, dropout=0.1)
+    x = torch.randn(2, 2, 16, 16, generator=gen)
+    kw = cond_kwargs(cond, 2, gen)
+    net(x, torch.tensor([3.0, 600.0]), **kw).square().mean().backward()
+    for name, p in net.named_parameters():
+        if cond == "class" and name == "class_emb.weight":
+            used = kw["class_labels"].unique()
+            assert p.grad[used].abs().sum(dim=1).gt(0).all(), name
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_output_depends_on_t(gen):
+    net = make_net(gen).eval()
+    x = torch.randn(1, 2, 16, 16, generator=gen).expand(3, -1, -1, -1)
+    y = net(x, torch.tensor([0.0, 0.5, 900.0]))  # continuous t: a half step also matters
+    assert (y[0] - y[1]).abs().max() > 1e-5
+    assert (y[0] - y[2]).abs().max() > 1e-3
+
+
+def test_scalar_t_broadcasts(gen):
+    net = make_net(gen).eval()
+    x = torch.randn(2, 2, 8, 8, generator=gen)
+    assert torch.equal(net(x, torch.tensor(42.0)), net(x, torch.tensor([42.0, 42.0])))
+
+
+@pytest.mark.parametrize("field, value", [("channel_mults", ()), ("num_groups", 3), ("attn_levels", (5,)),
+                                          ("num_classes", 0), ("dropout", 1.0), ("in_channels", 0)])
+def test_bad_config_errors_name_the_argument(field, value):
+    with pytest.raises(ValueError, match=field):
+        UNetConfig(**dict(SMALL, **{field: value}))
+
+
+def test_bad_num_heads_error():
+    with pytest.raises(ValueError, match="num_heads"):
+        UNet(UNetConfig(**dict(SMALL, num_heads=3)))
+
+
+def test_bad_inputs_errors(gen):
+    net = make_net(gen, "class")
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"class_labels must be in 0\.\.5.*got values in 0\.\.6"):
+        net(x, t, class_labels=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="class_labels must be in"):
+        net(x, t, class_labels=torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="context_dim=None"):
+        net(x, t, context=torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        net(x, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="num_classes=None"):
+        make_net(gen)(x, t, class_labels=torch.tensor([0, 1]))
+    ctx_net = make_net(gen, "context")
+    with pytest.raises(ValueError, match="context_mask must be bool"):
+        ctx_net(x, t, context=torch.randn(2, 3, 6), context_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"context must have shape \(2, L, 6\)"):
+        ctx_net(x, t, context=torch.randn(2, 3, 5))
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(KeyError, match="tiny.*unknown|unknown.*tiny"):
+        unet_from_preset("huge")
+
+
+@pytest.mark.parametrize("name, low, high", [("tiny", 0.5e6, 1.0e6), ("small", 2e6, 10e6),
+                                             ("cifar", 10e6, 36e6), ("latent", 2e6, 15e6)])
+def test_preset_parameter_counts_in_documented_range(name, low, high):
+    n = sum(p.numel() for p in UNet(PRESETS[name]).parameters())
+    assert low <= n <= high
+    assert f"{n:,}" in __import__("minidiff.unet").unet.__doc__  # the docstring table states the measured count
+
+
+def test_preset_overrides():
+    net = unet_from_preset("tiny", num_classes=10)
+    assert net.class_emb.num_embeddings == 11
+    assert net.config.base_channels == PRESETS["tiny"].base_channels
