@@ -9,17 +9,23 @@
 
 If nothing is found and ``download=True``, torchvision downloads the dataset into ``root``.
 If that is impossible the error says what to install or where to put which files.
+In smoke mode (``MINIDIFF_SMOKE=1``, offline CI) a missing dataset is not downloaded: it is replaced,
+with a loud warning, by a small procedural stand-in of the same shape, dtype, range and number of
+classes (``ImageDataset.stand_in`` is True). Without smoke mode missing data is always an error.
 Decoded pixels are cached per process, so notebooks can call ``load_dataset`` as often as they like.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .utils import smoke_mode
 
 __all__ = [
     "DATASETS", "SPLITS", "CLASS_NAMES", "TEMPLATES", "DEBIAN_FASHION_MNIST_DIR",
@@ -114,7 +120,9 @@ def load_dataset(name: str, split: str = "train", *, root=None, download: bool =
 
 
 def _load_missing(name: str, split: str, root: Path, download: bool):
-    """Download the dataset, or raise an error that says how to get it."""
+    """Download the dataset, or raise an error that says how to get it (smoke mode: return a stand-in)."""
+    if smoke_mode():
+        return _stand_in(name, split, root)
     if not download:
         raise FileNotFoundError(_missing_message(name, split, root))
     try:
@@ -209,8 +217,31 @@ def _missing_message(name: str, split: str, root: Path) -> str:
         lines.append(f"  - put {files} into {root};")
     lines.append("  - pass root=... or set $MINIDIFF_DATA to the folder that holds the files;")
     lines.append(f"  - with internet access, call load_dataset({name!r}, download=True) to download into {root}.")
-    lines.append("In CI, MINIDIFF_SMOKE=1 replaces a missing dataset by a small labelled stand-in.")
+    if not smoke_mode():
+        lines.append("In CI, MINIDIFF_SMOKE=1 replaces a missing dataset by a small labelled stand-in.")
     return "\n".join(lines)
+
+
+STAND_IN_SIZE = 512
+
+
+def _stand_in(name: str, split: str, root: Path) -> ImageDataset:
+    """Smoke-mode substitute: one-object shapes images, label = 2 * shape + size (10 classes), loudly announced."""
+    from .shapes import make_shapes
+
+    side, channels = (32, 3) if name == "cifar10" else (28, 1)
+    seed = {"train": 0, "test": 1}[split]
+    images, _, attrs = make_shapes(STAND_IN_SIZE, side, seed, max_objects=1)
+    if channels == 1:  # luminance (ITU-R BT.601), computed in [0, 1] and mapped back to [-1, 1]
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = ((images * 0.5 + 0.5) * weights).sum(1, keepdim=True) * 2 - 1
+    labels = attrs[:, 0] * 2 + attrs[:, 2]  # (shape, size) -> 0..9
+    message = (f"minidiff: MINIDIFF_SMOKE is set and dataset {name!r} ({split}) is missing, so this is a STAND-IN: "
+               f"{STAND_IN_SIZE} procedural shape images ({channels}x{side}x{side}, 10 classes, label = 2 * shape + size), "
+               f"not {name} images.\n" + _missing_message(name, split, root))
+    warnings.warn(message, UserWarning, stacklevel=4)  # point at the caller of load_dataset
+    print(message)
+    return ImageDataset(images.contiguous(), labels, CLASS_NAMES[name], name, stand_in=True)
 
 
 # ---------------------------------------------------------------- captions

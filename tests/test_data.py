@@ -99,3 +99,45 @@ def test_caption_for_label():
         data.caption_for_label("cifar10", 10)
     with pytest.raises(ValueError, match="dataset_name must be one of"):
         data.caption_for_label("shapes", 0)
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (1, 28, 28)), ("fashion-mnist", (1, 28, 28)),
+                                         ("cifar10", (3, 32, 32))])
+def test_smoke_mode_stand_in_warns_and_matches_shape(name, shape, empty_root, monkeypatch, capsys):
+    monkeypatch.setenv("MINIDIFF_SMOKE", "1")
+    monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("smoke mode must not download"))
+    with pytest.warns(UserWarning, match="STAND-IN"):
+        ds = data.load_dataset(name, root=empty_root)
+    assert "STAND-IN" in capsys.readouterr().out
+    assert ds.stand_in and ds.name == name and len(ds) == data.STAND_IN_SIZE
+    assert ds.images.shape == (data.STAND_IN_SIZE, *shape) and ds.images.dtype == torch.float32
+    assert ds.images.min() >= -1 and ds.images.max() <= 1 and ds.images.std() > 0.1
+    assert ds.labels.dtype == torch.int64 and set(ds.labels.tolist()) == set(range(10))
+    assert len(ds.class_names) == 10
+    with pytest.warns(UserWarning, match="STAND-IN"):  # every call warns, not only the first
+        again = data.load_dataset(name, root=empty_root, download=False)
+        test = data.load_dataset(name, "test", root=empty_root)
+    assert torch.equal(again.images, ds.images)  # deterministic
+    assert not torch.equal(test.images, ds.images)
+
+
+def test_without_smoke_mode_missing_data_is_never_substituted(empty_root, monkeypatch):
+    monkeypatch.setenv("MINIDIFF_SMOKE", "0")
+    with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
+        data.load_dataset("fashion-mnist", root=empty_root, download=False)
+
+
+def test_failed_download_says_how_to_get_the_data(empty_root, monkeypatch):
+    def offline(*args):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(FileNotFoundError, match="(?s)put train-images.*download failed.*Name or service") as info:
+        data.load_dataset("mnist", root=empty_root)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+@needs_fashion
+def test_smoke_mode_still_uses_real_data_when_present(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDIFF_SMOKE", "1")
+    ds = data.load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
+    assert not ds.stand_in and ds.images.shape == (10000, 1, 28, 28)
