@@ -109,20 +109,18 @@ def load_dataset(name: str, split: str = "train", *, root=None, download: bool =
     key = (name, split, str(root))
     if key not in _CACHE:
         found = _load_local(name, split, root)
+        if found is None and smoke_mode():
+            return _stand_in(name, split, root)  # not cached: it warns on every call
         if found is None:
-            found = _load_missing(name, split, root, download)
-            if isinstance(found, ImageDataset):  # smoke-mode stand-in: not cached, warns every time
-                return found
+            found = _download_or_explain(name, split, root, download)
         _CACHE[key] = found
     images_u8, labels = _CACHE[key]
     images = images_u8.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> float32 [-1, 1]
     return ImageDataset(images, labels.clone(), CLASS_NAMES[name], name)
 
 
-def _load_missing(name: str, split: str, root: Path, download: bool):
-    """Download the dataset, or raise an error that says how to get it (smoke mode: return a stand-in)."""
-    if smoke_mode():
-        return _stand_in(name, split, root)
+def _download_or_explain(name: str, split: str, root: Path, download: bool):
+    """Download the dataset, or raise an error that says how to get it."""
     if not download:
         raise FileNotFoundError(_missing_message(name, split, root))
     try:
@@ -239,7 +237,7 @@ def _stand_in(name: str, split: str, root: Path) -> ImageDataset:
     message = (f"minidiff: MINIDIFF_SMOKE is set and dataset {name!r} ({split}) is missing, so this is a STAND-IN: "
                f"{STAND_IN_SIZE} procedural shape images ({channels}x{side}x{side}, 10 classes, label = 2 * shape + size), "
                f"not {name} images.\n" + _missing_message(name, split, root))
-    warnings.warn(message, UserWarning, stacklevel=4)  # point at the caller of load_dataset
+    warnings.warn(message, UserWarning, stacklevel=3)  # point at the caller of load_dataset
     print(message)
     return ImageDataset(images.contiguous(), labels, CLASS_NAMES[name], name, stand_in=True)
 
