@@ -1,0 +1,198 @@
+"""Checkpoints in safetensors: no pickle is ever loaded, and a crash mid-write never corrupts the last one.
+
+Two kinds of file, both safetensors (tensors + a str -> str metadata dict):
+
+| kind           | written by          | holds                                                                    |
+|----------------|---------------------|--------------------------------------------------------------------------|
+| training state | ``save_checkpoint`` | model, EMA, optimizer, LR scheduler, step, RNG states, config (JSON)      |
+| inference only | ``save_model``      | (EMA) weights, optionally float16, ``alphas_cumprod``, model spec (JSON) |
+
+Tensor keys are prefixed by what they belong to (``model.``, ``ema.``, ``optim.<param id>.``, ``gen.``,
+``rng.``, ``extra.``); everything that is not a tensor is JSON in the metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
+           "save_model", "load_model", "read_safetensors", "atomic_write_bytes"]
+
+TRAIN_FORMAT = "minidiff-checkpoint-v1"
+MODEL_FORMAT = "minidiff-model-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupted, truncated, or not a minidiff file."""
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(path, *, expect_format: str | None = None) -> tuple[dict, dict]:
+    """Read all tensors and the metadata of a safetensors file, with a clear error if it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupted or truncated (not a readable safetensors file): {e}") from e
+    if expect_format is not None and metadata.get("format") != expect_format:
+        raise CheckpointError(f"{path} is not a {expect_format} file (format={metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def _prefixed(prefix: str, tensors: dict) -> dict:
+    return {f"{prefix}{k}": v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _optimizer_parts(optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into prefixed tensors and a JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, rest = {}, {}
+    for pid, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                rest[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "non_tensor_state": rest}
+
+
+def _optimizer_state(tensors: dict, info: dict) -> dict:
+    """Rebuild an optimizer state_dict from ``_optimizer_parts`` output."""
+    state: dict[int, dict] = {}
+    for name, value in _unprefixed("optim.", tensors).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in info["non_tensor_state"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors(generators: dict | None) -> dict:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for name, g in (generators or {}).items():
+        tensors[f"gen.{name}"] = g.get_state()
+    return tensors
+
+
+def save_checkpoint(path, *, model, step: int, ema=None, optimizer=None, scheduler=None, generators=None,
+                    config: dict | None = None, extra_tensors: dict | None = None) -> Path:
+    """Atomically save the full training state (resume continues exactly where this stopped)."""
+    tensors = _prefixed("model.", model.state_dict())
+    metadata = {"format": TRAIN_FORMAT, "step": str(int(step)), "config": json.dumps(config or {})}
+    if ema is not None:
+        ema_state = ema.state_dict()
+        tensors.update(_prefixed("ema.", ema_state.pop("shadow")))
+        metadata["ema"] = json.dumps(ema_state)
+    if optimizer is not None:
+        optim_tensors, metadata["optimizer"] = _optimizer_parts(optimizer)
+        tensors.update(optim_tensors)
+        metadata["optimizer"] = json.dumps(metadata["optimizer"])
+    if scheduler is not None:
+        metadata["scheduler"] = json.dumps(scheduler.state_dict())
+    tensors.update(_rng_tensors(generators))
+    tensors.update(_prefixed("extra.", extra_tensors or {}))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    return Path(path)
+
+
+def _restore_rng(tensors: dict, generators: dict | None) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(len(_unprefixed("rng.cuda.", tensors)))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    for name, g in (generators or {}).items():
+        if f"gen.{name}" not in tensors:
+            raise CheckpointError(f"checkpoint has no state for generator {name!r}; it has "
+                                  f"{sorted(_unprefixed('gen.', tensors))}")
+        g.set_state(tensors[f"gen.{name}"])
+
+
+def load_checkpoint(path, *, model=None, ema=None, optimizer=None, scheduler=None, generators=None,
+                    restore_rng: bool = True) -> dict:
+    """Load what ``save_checkpoint`` wrote into the given objects -> {"step", "config", "extra_tensors"}."""
+    tensors, metadata = read_safetensors(path, expect_format=TRAIN_FORMAT)
+    if model is not None:
+        model.load_state_dict(_unprefixed("model.", tensors))
+    if ema is not None:
+        ema.load_state_dict({**json.loads(metadata["ema"]), "shadow": _unprefixed("ema.", tensors)})
+    if optimizer is not None:
+        optimizer.load_state_dict(_optimizer_state(tensors, json.loads(metadata["optimizer"])))
+    if scheduler is not None:
+        scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+    if restore_rng:
+        _restore_rng(tensors, generators)
+    return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),
+            "extra_tensors": _unprefixed("extra.", tensors)}
+
+
+def checkpoint_config(path) -> dict:
+    """The config JSON stored in a training checkpoint, plus its step (reads only the header)."""
+    _, metadata = read_safetensors(path, expect_format=TRAIN_FORMAT)
+    return {**json.loads(metadata["config"]), "step": int(metadata["step"])}
+
+
+def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float32, card: dict | None = None) -> Path:
+    """Save an inference-only model: the net's weights, ``alphas_cumprod`` and the spec to rebuild a Denoiser.
+
+    ``denoiser`` is a ``minidiff.parameterization.Denoiser`` wrapping a ``UNet``; ``card`` (optional) is
+    written beside it as ``<path without suffix>.json``.
+    """
+    net = denoiser.net
+    tensors = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in net.state_dict().items()}
+    tensors = _prefixed("net.", tensors)
+    tensors["alphas_cumprod"] = denoiser.alphas_cumprod.detach().to("cpu", torch.float64).contiguous()
+    spec = {"unet": asdict(net.config), "prediction": denoiser.prediction, "schedule": schedule}
+    metadata = {"format": MODEL_FORMAT, "spec": json.dumps(spec)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    if card is not None:
+        atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def load_model(path, *, device=None):
+    """Rebuild the ``Denoiser`` saved by ``save_model`` (weights cast to float32, eval mode)."""
+    from .parameterization import Denoiser
+    from .unet import UNet, UNetConfig
+
+    tensors, metadata = read_safetensors(path, expect_format=MODEL_FORMAT)
+    spec = json.loads(metadata["spec"])
+    net = UNet(UNetConfig(**spec["unet"]))
+    weights = {k: v.float() if v.dtype.is_floating_point else v for k, v in _unprefixed("net.", tensors).items()}
+    net.load_state_dict(weights)
+    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"])
+    return denoiser.to(device or "cpu").eval()

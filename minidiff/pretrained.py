@@ -1,0 +1,52 @@
+"""The course's pretrained models: ``load("fashion-mnist-cond")`` returns a ready denoiser.
+
+Each model is two files in ``minidiff/weights/``: ``<name>.safetensors`` (EMA weights, alphas_cumprod
+and the spec to rebuild the net, written by ``minidiff.checkpoint.save_model`` through
+``python -m minidiff.train export``) and ``<name>.json``, its model card (config, data, steps, wall
+time, hardware, metrics).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_model
+
+__all__ = ["WEIGHTS_DIR", "available", "load", "model_card"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def available(*, weights_dir=None) -> list[str]:
+    """Names of the shipped models (the ``*.safetensors`` files in the weights folder), sorted."""
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def _path(name: str, weights_dir, suffix: str) -> Path:
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    known = available(weights_dir=folder)
+    if name not in known:
+        raise KeyError(f"unknown pretrained model {name!r}; available in {folder}: {known}")
+    return folder / f"{name}{suffix}"
+
+
+def load(name: str, *, device=None, weights_dir=None):
+    """The pretrained ``Denoiser`` called ``name`` (eval mode, float32) on ``device`` (default CPU)."""
+    path = _path(name, weights_dir, ".safetensors")
+    try:
+        return load_model(path, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"pretrained model {name!r} cannot be loaded: {e}. Reinstall minidiff or "
+                              f"re-export it with `python -m minidiff.train export RUN_DIR {path}`") from e
+
+
+def model_card(name: str, *, weights_dir=None) -> dict:
+    """The model card of ``name`` (config, data, steps, wall time, hardware, metrics) as a dict."""
+    path = _path(name, weights_dir, ".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"model card of {name!r} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"model card {path} is corrupted (invalid JSON): {e}") from e
