@@ -129,7 +129,7 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, sigma, prediction: str)
 
 
 def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 9 and Sec. 3.4), per sample.
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"), per sample.
 
     Each weight turns its parameterization's MSE into min(SNR, gamma) * ||x0 - x0_hat||^2:
     eps: min(SNR, gamma) / SNR;   x0: min(SNR, gamma);   v: min(SNR, gamma) / (SNR + 1).

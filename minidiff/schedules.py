@@ -86,7 +86,10 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
 
 
 def sigmoid_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Sigmoid betas: beta_start + (beta_end - beta_start) * sigmoid(linspace(-6, 6, T)) (Jabri et al. 2022; diffusers)."""
+    """Sigmoid betas: beta_start + (beta_end - beta_start) * sigmoid(linspace(-6, 6, T)).
+
+    From GeoDiff (Xu et al. 2022), as diffusers' "sigmoid".
+    """
     _check_T(T)
     _check_beta_range(beta_start, beta_end)
     return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=F64))
@@ -141,7 +144,7 @@ def rescale_zero_terminal_snr(betas) -> torch.Tensor:
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
-    """VE noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022, Table 1); inf where alpha_bar = 0."""
+    """VE noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022, Table 1); inf at alpha_bar = 0."""
     ab = _as_table("alphas_cumprod", alphas_cumprod)
     if (ab < 0).any() or (ab > 1).any():
         raise ValueError(f"alphas_cumprod must lie in [0, 1], got range [{ab.min().item()}, {ab.max().item()}]")
@@ -263,7 +266,10 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
 
 def get_sigmas(alphas_cumprod, n: int, *, spacing: str = "leading", karras: bool = False,
                rho: float = 7.0) -> torch.Tensor:
-    """(n+1,) descending sigmas ending in 0: the table at ``timesteps(T, n, spacing)``, or Karras sigmas over its range."""
+    """(n+1,) descending sigmas ending in 0: the table at ``timesteps(T, n, spacing)``.
+
+    With ``karras=True``: Karras sigmas (Eq. 5) between the smallest and largest finite sigma of the table.
+    """
     table = sigmas_from_alphas_cumprod(alphas_cumprod)
     if karras:
         finite = table[torch.isfinite(table)]
