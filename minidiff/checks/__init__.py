@@ -1,0 +1,311 @@
+"""Automatic checks for the assignments: run a student's function against the library's reference.
+
+A notebook calls ``check("A1.q_sample", q_sample)``. The check runs the function on random and edge-case
+inputs, compares it with minidiff's own implementation, and prints one line::
+
+    PASS A1.q_sample (2/2): matches minidiff.forward.q_sample on 6 cases
+    FAIL A1.q_sample (0/2): your q_sample uses alphas_cumprod[t] where sqrt(alphas_cumprod[t]) is needed [case: t = 0]
+
+When a wrong answer matches a known mistake (a missing sqrt, an off-by-one timestep, ...) the message names it.
+A student's exception never escapes: it is reported with its type, message and the student's line.
+
+Each assignment module (``a1_forward``, ...) registers its tasks with ``@task``; ``TASKS`` maps a task name to
+its ``Task``. When $MINIDIFF_GRADE_LOG names a file, every result is appended to it as one JSON line, and
+``regrade`` (run by ``python -m minidiff.grade`` at the end of a notebook) re-runs every check on the functions
+the notebook defined, so deleted or edited check cells change nothing.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import threading
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["CheckResult", "Task", "TASKS", "task", "check", "run_task", "regrade", "tasks_for",
+           "Mismatch", "call", "expect", "extra_noise", "library_step", "LOG_ENV"]
+
+LOG_ENV = "MINIDIFF_GRADE_LOG"
+_LIBRARY_DIRS = (str(Path(__file__).resolve().parent.parent), str(Path(torch.__file__).resolve().parent))
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check: ``status`` is "pass", "fail", "error", "not attempted" or "missing"."""
+    task: str
+    passed: bool
+    points: float
+    max_points: float
+    message: str
+    status: str
+
+    def line(self) -> str:
+        label = {"pass": "PASS", "not attempted": "NOT ATTEMPTED", "missing": "MISSING"}.get(self.status, "FAIL")
+        return f"{label} {self.task} ({self.points:g}/{self.max_points:g}): {self.message}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A gradable task: the function name the student defines, its points, the check and the reference it mirrors."""
+    name: str
+    func_name: str
+    points: float
+    run: Callable[[Callable], str]  # returns the PASS message, raises Mismatch (or a student error)
+    references: tuple[str, ...]  # qualified names of library functions the student must not simply call
+
+
+TASKS: dict[str, Task] = {}
+
+
+def task(name: str, *, func: str, points: float, references: tuple[str, ...] = ()):
+    """Register the decorated ``run(student_fn) -> pass message`` as the check of task ``name``."""
+    def register(run):
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        TASKS[name] = Task(name, func, points, run, references)
+        return run
+    return register
+
+
+def tasks_for(assignment: str) -> list[Task]:
+    """The tasks of one assignment ("A1", ...), in registration order."""
+    return [t for n, t in TASKS.items() if n.split(".")[0] == assignment]
+
+
+# ----------------------------------------------------------------------------- errors a check raises
+class Mismatch(Exception):
+    """The student's function gave a wrong answer; the message says what is wrong and in which case."""
+
+
+class NotAttempted(Exception):
+    """The student's function still raises NotImplementedError."""
+
+
+class StudentError(Exception):
+    """The student's function raised; the message names the exception and the student's line."""
+
+
+class _TimeLimit(BaseException):
+    """Raised by the alarm inside a student's function that runs too long (a BaseException, so ``except
+    Exception`` in student code cannot swallow it)."""
+
+
+def _student_line(exc: BaseException) -> str:
+    """' (line N: `code`)' for the deepest frame of the traceback that is not torch or minidiff code."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_LIBRARY_DIRS) and "site-packages" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (line {f.lineno}: `{f.line.strip()}`)" if f.line else f" (line {f.lineno})"
+
+
+def _arg_names(fn, args, kwargs) -> list[tuple[str, object]]:
+    try:
+        return list(inspect.signature(fn).bind(*args, **kwargs).arguments.items())
+    except (TypeError, ValueError):
+        return [(f"#{i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+
+
+def call(fn, *args, hint: str = "", **kwargs):
+    """Call the student's ``fn``; turn its exceptions into StudentError/NotAttempted; reject in-place edits."""
+    before = [(n, a.detach().clone()) for n, a in _arg_names(fn, args, kwargs) if torch.is_tensor(a)]
+    try:
+        out = fn(*args, **kwargs)
+    except NotImplementedError as e:
+        raise NotAttempted() from e
+    except Exception as e:  # noqa: BLE001 -- any student exception becomes a report, never a crash
+        detail = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+        shape_hint = f" Hint: {hint}" if hint and "size of tensor" in str(e) else ""
+        raise StudentError(f"raised {detail}{_student_line(e)}.{shape_hint}") from e
+    for name, old in before:
+        new = dict(_arg_names(fn, args, kwargs))[name]
+        if new.shape != old.shape or not torch.equal(new.detach(), old):
+            raise Mismatch(f"modifies its argument `{name}` in place; compute a new tensor instead "
+                           f"(e.g. torch.where, or clone first)")
+    return out
+
+
+# ----------------------------------------------------------------------------- comparing answers
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
+    return a.shape == b.shape and torch.allclose(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol)
+
+
+def expect(got, want: torch.Tensor, *, case: str, what: str = "output", wrong=(), rtol: float = 1e-5,
+           atol: float = 1e-5, dtype_hint: str = "") -> None:
+    """Raise Mismatch unless ``got`` equals ``want``; if it matches a known wrong variant, say which.
+
+    ``wrong`` is a sequence of ``(message, value_or_thunk)``; thunks are only evaluated on a mismatch.
+    """
+    if not torch.is_tensor(got):
+        raise Mismatch(f"returns {type(got).__name__}, expected a tensor {what} [case: {case}]")
+    if got.shape == want.shape and _close(got, want, rtol, atol):
+        if got.dtype != want.dtype:
+            raise Mismatch(f"returns dtype {got.dtype}, expected {want.dtype} [case: {case}]. {dtype_hint}".strip())
+        return
+    for message, variant in wrong:
+        try:
+            v = variant() if callable(variant) else variant
+        except (IndexError, RuntimeError, ValueError, ZeroDivisionError):
+            continue  # this mistake cannot even be computed on this case, so it is not the one
+        if torch.is_tensor(v) and _close(got, v, rtol, atol) and not _close(v, want, rtol, atol):
+            raise Mismatch(f"{message} [case: {case}]")
+    if got.shape != want.shape:
+        raise Mismatch(f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)} [case: {case}]")
+    bad = ~torch.isfinite(got) & torch.isfinite(want)
+    if bad.any():
+        raise Mismatch(f"{what} has {int(bad.sum())} NaN/inf values where the reference is finite "
+                       f"(a division by zero?) [case: {case}]")
+    err = (got.detach().double() - want.detach().double()).abs().max().item()
+    raise Mismatch(f"wrong {what} [case: {case}]: max abs difference to the reference is {err:.3g}")
+
+
+def extra_noise(got, want: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+    """``want + c * noise`` with c fitted to ``got``: a variant matching it means only the noise term is off."""
+    if not torch.is_tensor(got) or got.shape != want.shape:
+        return None
+    diff, z = (got.detach().double() - want.double()).flatten(), noise.double().flatten()
+    c = (diff @ z) / (z @ z)
+    return want + (c * noise.double()).to(want.dtype) if abs(c) > 1e-6 else None
+
+
+class _StopSampling(Exception):
+    pass
+
+
+def library_step(sampler, denoiser, x: torch.Tensor, sigma: float, sigma_next: float, **options) -> torch.Tensor:
+    """One step of a minidiff sampler from sigma to sigma_next (the reference for single-step tasks).
+
+    Samplers take a list ending in 0, so for sigma_next > 0 this runs [sigma, sigma_next, 0] and stops when the
+    callback reports the state before step 2 (the samplers' last step to 0 is special; it is not taken here).
+    """
+    levels = [sigma, 0.0] if sigma_next == 0 else [sigma, sigma_next, 0.0]
+    sigmas = torch.tensor(levels, dtype=torch.float64)
+    if sigma_next == 0:
+        return sampler(denoiser, x, sigmas, **options)
+    state = {}
+
+    def stop_after_first(info):
+        if info["i"] == 1:
+            state["x"] = info["x"]
+            raise _StopSampling
+    try:
+        sampler(denoiser, x, sigmas, callback=stop_after_first, **options)
+    except _StopSampling:
+        pass
+    return state["x"]
+
+
+# ----------------------------------------------------------------------------- running a task
+def _calls_reference(fn, references: tuple[str, ...]) -> str | None:
+    """The reference a student's function is, or calls by name from its globals (``forward.q_sample``)."""
+    def qualname(obj):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    if qualname(fn) in references:
+        return qualname(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    try:
+        scope = inspect.getclosurevars(fn)
+    except (TypeError, ValueError):
+        return None
+    for obj in {**scope.globals, **scope.nonlocals}.values():
+        if qualname(obj) in references:
+            return qualname(obj)
+        if inspect.ismodule(obj):
+            hits = [f"{obj.__name__}.{attr}" for attr in code.co_names if f"{obj.__name__}.{attr}" in references]
+            if hits:
+                return hits[0]
+    return None
+
+
+def _with_time_limit(seconds: float | None, fn, *args):
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        return fn(*args)
+
+    def on_alarm(signum, frame):
+        raise _TimeLimit()
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_task(name: str, fn, *, time_limit: float | None = None) -> CheckResult:
+    """Run the check of task ``name`` on ``fn`` and return the result; never raises for a student's mistake."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    t = TASKS[name]
+
+    def result(status, message):
+        ok = status == "pass"
+        return CheckResult(name, ok, t.points if ok else 0, t.points, message, status)
+    if not callable(fn):
+        return result("fail", f"expected your function {t.func_name}, got {type(fn).__name__}")
+    used = _calls_reference(fn, t.references)
+    if used:
+        return result("fail", f"your {t.func_name} uses the library's reference {used}; write it yourself")
+    try:
+        return result("pass", _with_time_limit(time_limit, t.run, fn))
+    except NotAttempted:
+        return result("not attempted", f"{t.func_name} still raises NotImplementedError: replace the stub "
+                                       f"`raise NotImplementedError()` with your code")
+    except Mismatch as e:
+        return result("fail", f"your {t.func_name} {e}")
+    except StudentError as e:
+        return result("error", f"your {t.func_name} {e}")
+    except _TimeLimit:
+        return result("error", f"your {t.func_name} did not finish within {time_limit:g} s (an infinite loop?)")
+    except Exception as e:  # noqa: BLE001 -- a bug in the check itself must still not stop the notebook
+        return result("error", f"the check itself failed ({type(e).__name__}: {e}); please tell your teacher")
+
+
+def _log(result: CheckResult, source: str, nonce: str | None = None, path: str | None = None) -> None:
+    path = path or os.environ.get(LOG_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"source": source, "nonce": nonce, **result.to_dict()}) + "\n")
+
+
+def check(name: str, fn, *, quiet: bool = False) -> CheckResult:
+    """Check a student's function for task ``name``; print a PASS/FAIL line and record it for the grader."""
+    result = run_task(name, fn)
+    if not quiet:
+        print(result.line())
+    _log(result, "notebook")
+    return result
+
+
+def regrade(namespace: dict, names, *, log_path: str, nonce: str, time_limit: float = 30.0) -> list[CheckResult]:
+    """Re-run the checks of ``names`` on the functions defined in ``namespace`` (the grader calls this)."""
+    results = []
+    for name in names:
+        t = TASKS[name]
+        fn = namespace.get(t.func_name)
+        if fn is None:
+            r = CheckResult(name, False, 0, t.points, f"`{t.func_name}` is not defined: check cell missing or not "
+                                                      f"executed (its cell was deleted, or failed before the def)",
+                            "missing")
+        else:
+            r = run_task(name, fn, time_limit=time_limit)
+        _log(r, "grader", nonce, log_path)
+        print(r.line())
+        results.append(r)
+    return results
+
+
+from . import a1_forward, a2_ddpm, a3_samplers, a4_guidance  # noqa: E402,F401  (registers the tasks)
