@@ -160,7 +160,8 @@ def sliced_wasserstein(u: torch.Tensor, v: torch.Tensor, *, n_projections: int =
         raise ValueError(f"u and v must be (N, D) and (M, D) with equal D, got {tuple(u.shape)} and {tuple(v.shape)}")
     dirs = torch.randn(u.shape[1], n_projections, generator=generator, dtype=F64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pu, pv = (u.to(F64) @ dirs).sort(0).values, (v.to(F64) @ dirs).sort(0).values
+    pu = (dirs.T @ u.to(F64).T).sort(-1).values  # (P, N) sorted projections: empirical quantiles
+    pv = (dirs.T @ v.to(F64).T).sort(-1).values  # (P, M)
     q = (torch.arange(max(len(u), len(v)), dtype=F64) + 0.5) / max(len(u), len(v))
     iu, iv = (q * len(u)).long(), (q * len(v)).long()
-    return (pu[iu] - pv[iv]).abs().mean()
+    return (pu[:, iu] - pv[:, iv]).abs().mean()
