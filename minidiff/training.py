@@ -235,7 +235,7 @@ def _resume(path: Path, config: TrainConfig, run: dict) -> tuple[int, dict, list
     from .checkpoint import checkpoint_config, load_checkpoint
 
     saved = checkpoint_config(path)["train"]
-    mine = asdict(config)
+    mine = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the saved JSON
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in config.RESUMABLE and saved.get(k) != v}
     if diff:
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
