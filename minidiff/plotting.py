@@ -15,7 +15,8 @@ import math
 import torch
 from matplotlib.figure import Figure
 
-__all__ = ["to_grid", "show_images", "plot_trajectory", "plot_schedules", "plot_sigmas", "animate_trajectory"]
+__all__ = ["to_grid", "show_images", "plot_trajectory", "plot_schedules", "plot_sigmas", "animate_trajectory",
+           "path_from_steps", "plot_paths_2d"]
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -231,4 +232,49 @@ def plot_sigmas(sigmas: dict, *, ax=None, title: str | None = None) -> Figure:
         ax.plot(torch.arange(len(s)), s.clamp(max=1e4), "o-", ms=3, label=f"{label} ({len(s)} steps)")
     ax.set(yscale="log", xlabel="step i", ylabel=r"$\sigma_i$", title=title or "sampling noise levels")
     ax.legend(fontsize=8)
+    return ax.figure
+
+
+# ----------------------------------------------------------------------------- 2-D toy trajectories
+def path_from_steps(steps, final: torch.Tensor) -> torch.Tensor:
+    """Stack the states a sampler visited: each callback's x (before its step), then the returned ``final``."""
+    steps = _check_steps(steps)
+    if final.shape != steps[0]["x"].shape:
+        raise ValueError(f"final must have the shape of the states {tuple(steps[0]['x'].shape)}, "
+                         f"got {tuple(final.shape)}")
+    return torch.stack([s["x"].detach().cpu() for s in steps] + [final.detach().cpu()])
+
+
+def plot_paths_2d(paths: dict, *, data: torch.Tensor | None = None, ax=None, title: str | None = None,
+                  max_paths: int = 64, lim: float | None = None) -> Figure:
+    """2-D sampler trajectories, one colour per label: ``paths[label]`` is (n_states, N, 2); endpoints are dots.
+
+    ``data`` (M, 2) is drawn as a light grey cloud underneath; at most ``max_paths`` of the N paths are drawn.
+    """
+    if not isinstance(paths, dict) or not paths:
+        raise ValueError(f"paths must be a non-empty dict from a label to an (n_states, N, 2) tensor, "
+                         f"got {type(paths).__name__}")
+    if ax is None:
+        fig = Figure(figsize=(4.5, 4.5), layout="constrained")
+        ax = fig.subplots()
+    if data is not None:
+        data = torch.as_tensor(data).detach().cpu()
+        if data.ndim != 2 or data.shape[1] != 2:
+            raise ValueError(f"data must have shape (M, 2), got {tuple(data.shape)}")
+        ax.scatter(data[:, 0], data[:, 1], s=2, color="0.8", zorder=0)
+    for k, (label, p) in enumerate(paths.items()):
+        p = torch.as_tensor(p).detach().cpu().float()
+        if p.ndim != 3 or p.shape[2] != 2 or p.shape[0] < 2:
+            raise ValueError(f"paths[{label!r}] must have shape (n_states >= 2, N, 2), got {tuple(p.shape)}")
+        p = p[:, :max_paths]
+        color = f"C{k}"
+        ax.plot(p[:, :, 0], p[:, :, 1], color=color, lw=0.8, alpha=0.7)
+        ax.plot([], [], color=color, label=f"{label} ({p.shape[0] - 1} steps)")
+        ax.scatter(p[-1, :, 0], p[-1, :, 1], s=8, color=color, zorder=3)
+    if lim is not None:
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax.figure

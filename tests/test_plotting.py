@@ -111,3 +111,19 @@ def test_plot_sigmas_drops_final_zero():
     (ax,) = fig.axes
     assert [len(line.get_xdata()) for line in ax.lines] == [10, 5]
     assert ax.get_yscale() == "log"
+
+
+def test_path_from_steps_and_plot_paths_2d(gen):
+    steps = [{"i": i, "sigma": 3.0 - i, "sigma_next": 2.0 - i, "x": torch.randn(5, 2, generator=gen),
+              "x0_hat": torch.zeros(5, 2)} for i in range(3)]
+    path = plotting.path_from_steps(steps, torch.zeros(5, 2))
+    assert path.shape == (4, 5, 2) and (path[-1] == 0).all()
+    fig = plotting.plot_paths_2d({"a": path, "b": path}, data=torch.randn(50, 2, generator=gen), max_paths=3)
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2 * (3 + 1)  # three paths and one legend entry per label
+    with pytest.raises(ValueError, match="final must have the shape"):
+        plotting.path_from_steps(steps, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="n_states >= 2, N, 2"):
+        plotting.plot_paths_2d({"a": torch.zeros(3, 5, 3)})
+    with pytest.raises(ValueError, match="data must have shape"):
+        plotting.plot_paths_2d({"a": path}, data=torch.zeros(5, 3))
