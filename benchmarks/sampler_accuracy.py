@@ -53,8 +53,9 @@ def make_scheduler(name: str, steps: int):
     return sched, S.sigmas_for_timesteps(sched.alphas_cumprod.double(), ts)
 
 
-def run_diffusers(name, sched, sigmas, gm, x, seed):
-    """diffusers' loop with an eps-model made from the exact denoiser; returns the final VP sample."""
+def run_diffusers(name, steps, gm, x, seed):
+    """diffusers' loop (a fresh scheduler) with an eps-model made from the exact denoiser; the final VP sample."""
+    sched, sigmas = make_scheduler(name, steps)
     table = S.sigmas_from_alphas_cumprod(sched.alphas_cumprod.double())
     ve, kw = SETUPS[name][2], ({} if SETUPS[name][3] else {"generator": torch.Generator().manual_seed(seed)})
     sample = x / S.vp_coefficients(sigmas[0])[0].item() if ve else x.clone()
@@ -70,19 +71,16 @@ def run_minidiff(name, sigmas, gm, x, seed):
     return SAMPLERS[name](gm.denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed))
 
 
-def errors(name, steps, x_ode, x_sw, ref, sw_gen_seed=0):
+def errors(name, steps, x_ode, x_sw, ref):
     """{library: (ode error or None, sw error)} for one sampler and step count."""
-    sched, sigmas = make_scheduler(name, steps)
+    _, sigmas = make_scheduler(name, steps)
     exact = gaussian_pf_ode_endpoint(x_ode.double(), sigmas[0], 0.0, mean=MEAN, std=STD)
+    runs = {"minidiff": lambda gm, x: run_minidiff(name, sigmas, gm, x, 11),
+            "diffusers": lambda gm, x: run_diffusers(name, steps, gm, x, 11)}
     out = {}
-    for lib, run in (("minidiff", lambda gm, x: run_minidiff(name, sigmas, gm, x, 11)),
-                     ("diffusers", lambda gm, x: run_diffusers(name, sched, sigmas, gm, x, 11))):
-        if lib == "diffusers":
-            sched, _ = make_scheduler(name, steps)  # fresh state for each run
+    for lib, run in runs.items():
         ode = float((run(GAUSSIAN, x_ode).double() - exact).pow(2).mean().sqrt()) if SETUPS[name][3] else None
-        if lib == "diffusers":
-            sched, _ = make_scheduler(name, steps)
-        sw = float(sliced_wasserstein(run(MIXTURE, x_sw), ref, generator=torch.Generator().manual_seed(sw_gen_seed)))
+        sw = float(sliced_wasserstein(run(MIXTURE, x_sw), ref, generator=torch.Generator().manual_seed(0)))
         out[lib] = (ode, sw)
     return out
 
@@ -112,9 +110,9 @@ def main():
             e = errors(name, steps, x_ode, x_sw, ref)
             results[name, nfe] = e
             (om, sm), (od, sd) = e["minidiff"], e["diffusers"]
-            ratio_ode = "      -" if om is None else f"{om / od:7.3f}"
+            ratio_ode = "      -" if om is None else f"{om / od:7.4f}"
             real_nfe = 2 * steps - 1 if name == "heun" else steps
-            print(f"{name:16s}{real_nfe:5d}{steps:6d} | {fmt(om)} {fmt(od)}{ratio_ode} | {sm:8.2e} {sd:8.2e}{sm / sd:7.3f}")
+            print(f"{name:16s}{real_nfe:5d}{steps:6d} | {fmt(om)} {fmt(od)}{ratio_ode} | {sm:8.2e} {sd:8.2e}{sm / sd:7.4f}")
     print("\n1000-step reference (minidiff; Heun 500 steps = 999 NFE):")
     ref_err = {}
     for name in SETUPS:
