@@ -31,6 +31,7 @@ __all__ = ["grade_notebook", "grade_all", "main"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 RECHECK_SECONDS = 30  # per task, inside the grader's own cell
+PREAMBLE = "import torch\nimport minidiff.checks"
 TIMEOUT_ERROR = {"ename": "CellTimeoutError", "evalue": "cell interrupted by the grader's time limit", "traceback": []}
 
 
@@ -70,14 +71,29 @@ class _Runner:
         self.done, self.errors, self.timed_out, self.killers, self.skipped = [], [], [], [], []
 
     def start(self):
+        """A fresh kernel with torch and minidiff imported, so a cell's time limit measures the student's work."""
         self.client.km = self.client.create_kernel_manager()
         self.client.start_new_kernel(env=self.env)
         self.client.start_new_kernel_client()
+        self._aside(PREAMBLE, max(120, self.client.timeout or 0))
+
+    def _aside(self, source: str, seconds: int):
+        """Run a grader cell that is not part of the notebook (nbclient writes a cell back at its index)."""
+        cell, saved = nbformat.v4.new_code_cell(source), self.client.timeout
+        self.nb.cells.append(cell)
+        self.client.timeout = seconds
+        try:
+            self.client.execute_cell(cell, len(self.nb.cells) - 1)
+        finally:
+            self.client.timeout = saved
+            self.nb.cells.pop()
+        return cell
 
     def stop(self):
         self.client._cleanup_kernel()
 
     def run_cell(self, cell, index: int) -> None:
+        started = time.monotonic()
         try:
             self.client.execute_cell(cell, index)
         except (DeadKernelError, CellTimeoutError):
@@ -85,7 +101,7 @@ class _Runner:
             self._restart()
             return
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-        if any(o.get("ename") == "CellTimeoutError" for o in errors):
+        if time.monotonic() - started >= self.client.timeout or any(o.get("ename") == "KeyboardInterrupt" for o in errors):
             self.timed_out.append(index)
             if not self._responsive():
                 self._restart()
@@ -95,15 +111,11 @@ class _Runner:
 
     def _responsive(self, seconds: int = 10) -> bool:
         """After an interrupt: does the kernel answer a trivial cell (or is the student's loop ignoring it)?"""
-        probe, saved = nbformat.v4.new_code_cell("pass"), self.client.timeout
-        self.client.timeout = seconds
         try:
-            self.client.execute_cell(probe, len(self.nb.cells))
+            probe = self._aside("pass", seconds)
         except (DeadKernelError, CellTimeoutError):
             return False
-        finally:
-            self.client.timeout = saved
-        return not any(o.get("ename") == "CellTimeoutError" for o in probe.get("outputs", []))
+        return not any(o.get("ename") in ("KeyboardInterrupt", "CellTimeoutError") for o in probe.get("outputs", []))
 
     def _restart(self):
         """A fresh kernel with the cells run so far replayed (the cell that killed the kernel is left out)."""
@@ -162,6 +174,13 @@ def grade_notebook(path: Path, *, timeout: float = 120, cell_timeout: int = 60) 
             nb.cells.append(grader_cell)
             runner.client.timeout = RECHECK_SECONDS * len(names) + 60
             runner.run_cell(grader_cell, len(nb.cells) - 1)
+            if nonce not in (log.read_text(encoding="utf-8") if log.exists() else ""):
+                report["notes"].append("the grader's re-check failed in the notebook's kernel; it was run again in "
+                                       "a fresh kernel after replaying the cells that ran")
+                runner.done = [i for i in runner.done if i != len(nb.cells) - 1]
+                runner.errors = [e for e in runner.errors if e["cell"] != len(nb.cells) - 1]
+                runner._restart()
+                runner.run_cell(grader_cell, len(nb.cells) - 1)
         finally:
             runner.stop()
         lines = [json.loads(s) for s in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []

@@ -1,0 +1,90 @@
+"""minidiff.grade: solutions score full marks, exercises zero, and broken notebooks still get honest reports.
+
+Each graded notebook starts a kernel (a few seconds), so the notebooks are graded once per module and shared.
+"""
+import csv
+import json
+
+import nbformat
+import pytest
+
+from minidiff import checks
+from minidiff.assignments import ROOT
+from minidiff.grade import grade_all, main
+
+NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance"]
+SNR = "def snr(alphas_cumprod):\n    return alphas_cumprod / (1 - alphas_cumprod)"
+Q_SAMPLE = ("def q_sample(x0, t, noise, alphas_cumprod):\n"
+            "    ab = alphas_cumprod[t].to(x0.dtype).reshape(-1, 1, 1, 1)\n"
+            "    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise")
+FAKE = ("import json, os\n"
+        "with open(os.environ['MINIDIFF_GRADE_LOG'], 'a') as f:\n"
+        "    f.write(json.dumps({'source': 'grader', 'nonce': 'guess', 'task': 'A1.cosine_alphas_cumprod', "
+        "'passed': True, 'points': 2, 'max_points': 2, 'message': 'PASS', 'status': 'pass'}) + '\\n')\n"
+        "    f.write(json.dumps({'source': 'notebook', 'task': 'A1.linear_alphas_cumprod', 'passed': True, "
+        "'points': 1, 'max_points': 1, 'message': 'PASS', 'status': 'pass'}) + '\\n')")
+
+
+@pytest.fixture(scope="module")
+def course_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    paths = [ROOT / d / f"{n}.ipynb" for d in ("solutions", "exercises") for n in NAMES]
+    return out, {(r["notebook"].split("/")[-2], r["assignment"]): r for r in grade_all(paths, out, timeout=120)}
+
+
+def test_every_solution_scores_full_marks(course_reports):
+    _, reports = course_reports
+    for n in NAMES:
+        r = reports[("solutions", n[:2])]
+        assert r["score"] == r["max_score"] == sum(t.points for t in checks.tasks_for(n[:2])), r
+        assert r["status"] == "ok" and all(t["notebook_check"] == "PASS" for t in r["tasks"])
+
+
+def test_every_fresh_exercise_scores_zero_and_gets_a_report(course_reports):
+    out, reports = course_reports
+    for n in NAMES:
+        r = reports[("exercises", n[:2])]
+        assert r["score"] == 0 and r["max_score"] > 0
+        assert all(t["status"] == "not attempted" for t in r["tasks"]), r["tasks"]
+        assert (out / f"exercises__{n}.txt").read_text().count("NotImplementedError") >= len(r["tasks"])
+        assert [q["answer"] for q in r["questions"]] == ["YOUR ANSWER HERE"] * len(r["questions"])
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 8 and {row["student"] for row in rows} >= {"solutions__A1_forward_process", "exercises__A4_guidance"}
+    assert json.loads((out / "solutions__A3_samplers.json").read_text())["score"] == 8
+
+
+def _notebook(path, sources):
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken_reports(tmp_path_factory):
+    d = tmp_path_factory.mktemp("broken")
+    crash = _notebook(d / "A1_crash.ipynb", ["import torch", SNR, "1 / 0", "import os\nos._exit(1)", Q_SAMPLE, FAKE])
+    loop = _notebook(d / "A1_loop.ipynb", [SNR, "while True:\n    pass", "from minidiff.checks import check\n"
+                                           "check('A1.snr', snr)"])
+    out = d / "reports"
+    assert main([str(crash), str(loop), "--out", str(out), "--timeout", "60", "--cell-timeout", "3"]) == 0
+    return out, {p: json.loads((out / f"{p}.json").read_text()) for p in ("A1_crash", "A1_loop")}
+
+
+def test_a_crashing_notebook_keeps_the_points_it_earned(broken_reports):
+    out, reports = broken_reports
+    r = reports["A1_crash"]
+    points = {t["task"]: t["points"] for t in r["tasks"]}
+    assert points == {"A1.linear_alphas_cumprod": 0, "A1.cosine_alphas_cumprod": 0, "A1.q_sample": 2, "A1.snr": 1}
+    assert r["status"] == "crashed" and r["cells"]["killed_kernel"] == [3]
+    assert r["cells"]["errors"][0]["ename"] == "ZeroDivisionError"
+    missing = {t["task"]: t["message"] for t in r["tasks"]}["A1.cosine_alphas_cumprod"]
+    assert "check cell missing or not executed" in missing  # and the faked log line did not count
+    assert "the notebook's own check said PASS" in " ".join(r["notes"])
+    assert (out / "A1_crash.txt").exists() and (out / "A1_crash.executed.ipynb").exists()
+
+
+def test_an_infinite_loop_is_interrupted_and_later_cells_still_count(broken_reports):
+    _, reports = broken_reports
+    r = reports["A1_loop"]
+    assert r["status"] == "timeout" and r["cells"]["timed_out"] == [1]
+    assert {t["task"]: t["points"] for t in r["tasks"]}["A1.snr"] == 1 and r["score"] == 1
+    assert [t["notebook_check"] for t in r["tasks"] if t["task"] == "A1.snr"] == ["PASS"]
