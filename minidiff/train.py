@@ -138,6 +138,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     out = Path(args.out)
+    if args.resume:
+        ckpt = out / "checkpoint.safetensors"
+        print(f"resuming {ckpt}" if ckpt.exists() else f"--resume: no checkpoint at {ckpt}, starting from step 0")
     print(f"training {config.preset} on {config.dataset} for {config.steps} steps -> {out}/")
     print(f"  checkpoint: {out / 'checkpoint.safetensors'} (every {config.ckpt_every} steps)")
     print(f"  samples:    {out / 'samples'}/step_*.png (every {config.sample_every} steps)")

@@ -227,10 +227,11 @@ def _setup(config: TrainConfig, data, device: torch.device) -> dict:
     gens = {"data": torch.Generator().manual_seed(config.seed),
             "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
-            "generators": gens, "alphas_cumprod": alphas_cumprod, "memory_format": fmt}
+            "generators": gens, "alphas_cumprod": alphas_cumprod, "memory_format": fmt, "device": device,
+            "start": 0, "history": {"loss": [], "grad_norm": []}, "sessions": []}
 
 
-def _resume(path: Path, config: TrainConfig, run: dict) -> tuple[int, dict, list]:
+def _resume(path: Path, config: TrainConfig, run: dict) -> None:
     """Load a checkpoint into ``run`` after checking it was trained with the same config."""
     from .checkpoint import checkpoint_config, load_checkpoint
 
@@ -241,22 +242,57 @@ def _resume(path: Path, config: TrainConfig, run: dict) -> tuple[int, dict, list
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],
                             scheduler=run["scheduler"], generators=run["generators"])
-    extra = state["extra_tensors"]
-    history = {k: extra[k].tolist() for k in ("loss", "grad_norm")}
-    return state["step"], history, state["config"].get("sessions", [])
+    run["start"], run["sessions"] = state["step"], state["config"].get("sessions", [])
+    run["history"] = {k: state["extra_tensors"][k].tolist() for k in ("loss", "grad_norm")}
 
 
-def _save(path: Path, config: TrainConfig, run: dict, step: int, history: dict, sessions: list) -> None:
+def _save(path: Path, config: TrainConfig, run: dict, step: int) -> None:
     from .checkpoint import save_checkpoint
 
-    extra = {k: torch.tensor(v, dtype=torch.float64) for k, v in history.items()}
-    meta = {"train": asdict(config), "unet": asdict(run["net"].config), "sessions": sessions}
+    run["sessions"][-1].update(end_step=step, wall_s=time.perf_counter() - run["t_start"])
+    extra = {k: torch.tensor(v, dtype=torch.float64) for k, v in run["history"].items()}
+    meta = {"train": asdict(config), "unet": asdict(run["net"].config), "sessions": run["sessions"]}
     save_checkpoint(path, model=run["net"], step=step, ema=run["ema"], optimizer=run["optimizer"],
                     scheduler=run["scheduler"], generators=run["generators"], config=meta, extra_tensors=extra)
 
 
 def _ema_net(run: dict) -> nn.Module:
     return run["ema"].copy_to(copy.deepcopy(run["net"])).eval()
+
+
+def _start(config: TrainConfig, data, device, out_dir: Path, resume: bool, command) -> dict:
+    """Set up (or resume) a run in ``out_dir`` and start this session's clock."""
+    run = _setup(config, data, device)
+    if resume and (out_dir / "checkpoint.safetensors").exists():
+        _resume(out_dir / "checkpoint.safetensors", config, run)
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"]})
+    run["t_start"] = run["t_window"] = time.perf_counter()
+    return run
+
+
+def _batch(data, config: TrainConfig, run: dict):
+    """A random batch (x0, labels or None), indices drawn from the run's data generator."""
+    idx = torch.randint(len(data.images), (config.batch_size,), generator=run["generators"]["data"])
+    x0 = data.images[idx].to(run["device"], memory_format=run["memory_format"])
+    return x0, (data.labels[idx].to(run["device"]) if config.conditional else None)
+
+
+def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, image_shape) -> None:
+    """Every 10 steps show loss and img/s; every sample_every/ckpt_every steps (and at the end) save."""
+    last = done == config.steps
+    if done % 10 == 0 or last:
+        n_steps = done - max(run["start"], (done - 1) // 10 * 10)  # steps since the last update
+        rate = n_steps * config.batch_size / (time.perf_counter() - run["t_window"])
+        bar.set_postfix(loss=f"{sum(run['history']['loss'][-n_steps:]) / n_steps:.4f}", img_s=f"{rate:.0f}")
+    if done % config.sample_every == 0 or last:
+        sample_grid(_ema_net(run), run["alphas_cumprod"], config, out_dir / "samples" / f"step_{done:07d}.png",
+                    image_shape=image_shape)
+    if done % config.ckpt_every == 0 or last:
+        _save(out_dir / "checkpoint.safetensors", config, run, done)
+    if done % 10 == 0:
+        run["t_window"] = time.perf_counter()
 
 
 def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, data=None, progress: bool = True,
@@ -269,46 +305,24 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, da
     """
     from tqdm.auto import tqdm
 
+    from .data import load_dataset
+
     device = device if isinstance(device, torch.device) else get_device(device)
-    if data is None:
-        from .data import load_dataset
-        data = load_dataset(config.dataset)
-    out_dir, ckpt_path = Path(out_dir), Path(out_dir) / "checkpoint.safetensors"
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    run, start, history, sessions = _setup(config, data, device), 0, {"loss": [], "grad_norm": []}, []
-    if resume and ckpt_path.exists():
-        start, history, sessions = _resume(ckpt_path, config, run)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    session = {"command": command, "hardware": hardware_info(device), "start_step": start, "wall_s": 0.0}
-    sessions = sessions + [session]
+    data = data if data is not None else load_dataset(config.dataset)
+    run = _start(config, data, device, Path(out_dir), resume, command)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
-    t_session, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+    bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
     for step in bar:
-        idx = torch.randint(len(data.images), (config.batch_size,), generator=run["generators"]["data"])
-        x0 = data.images[idx].to(device, memory_format=run["memory_format"])
-        labels = data.labels[idx].to(device) if config.conditional else None
+        x0, labels = _batch(data, config, run)
         out = train_step(run["net"], x0, alphas_cumprod=run["alphas_cumprod"], prediction=config.prediction,
                          optimizer=run["optimizer"], scheduler=run["scheduler"], class_labels=labels,
                          p_uncond=config.p_uncond, null_id=len(data.class_names), step=step,
                          min_snr_gamma=config.min_snr_gamma, max_grad_norm=config.max_grad_norm,
                          generator=run["generators"]["noise"], autocast_dtype=autocast)
         run["ema"].update(run["net"])
-        history["loss"].append(out["loss"])
-        history["grad_norm"].append(out["grad_norm"])
-        done, n_window = step + 1, n_window + config.batch_size
-        if done % 10 == 0 or done == config.steps:
-            elapsed = time.perf_counter() - t_window
-            bar.set_postfix(loss=f"{sum(history['loss'][-10:]) / len(history['loss'][-10:]):.4f}",
-                            img_s=f"{n_window / elapsed:.0f}")
-        if done % config.sample_every == 0 or done == config.steps:
-            sample_grid(_ema_net(run), run["alphas_cumprod"], config, out_dir / "samples" / f"step_{done:07d}.png",
-                        image_shape=tuple(data.images.shape[1:]))
-        if done % config.ckpt_every == 0 or done == config.steps:
-            session.update(end_step=done, wall_s=time.perf_counter() - t_session)
-            _save(ckpt_path, config, run, done, history, sessions)
-        if done % 10 == 0:
-            t_window, n_window = time.perf_counter(), 0
+        for key, value in out.items():
+            run["history"][key].append(value)
+        _after_step(step + 1, config, run, Path(out_dir), bar, tuple(data.images.shape[1:]))
     bar.close()
-    return {**{k: run[k] for k in ("net", "ema", "optimizer", "scheduler", "alphas_cumprod")},
-            "ema_net": _ema_net(run), "history": history, "step": max(start, config.steps)}
+    return {**{k: run[k] for k in ("net", "ema", "optimizer", "scheduler", "alphas_cumprod", "history")},
+            "ema_net": _ema_net(run), "step": max(run["start"], config.steps)}
