@@ -161,6 +161,19 @@ class TrainConfig:
     # Fields that may change between a run and its resumption (they do not change the trained model).
     RESUMABLE = ("steps", "sample_every", "ckpt_every", "sampler", "sample_steps", "sample_guidance")
 
+    def __post_init__(self):
+        from .parameterization import PREDICTIONS
+
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup < 0:
+            raise ValueError(f"steps and warmup must be >= 0, got steps={self.steps}, warmup={self.warmup}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+
 
 def build_model(config: TrainConfig, channels: int, num_classes: int):
     """The UNet and the alphas_cumprod table a config describes."""

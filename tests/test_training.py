@@ -189,3 +189,11 @@ def test_cli_trains_checkpoints_samples_and_exports(tmp_path):
     assert "--steps 5" in card["commands"][0] and card["hardware"][0]["torch"] == torch.__version__
     denoiser = pretrained.load("fm", weights_dir=tmp_path / "weights")
     assert denoiser.net.config.num_classes == 10 and denoiser.prediction == "eps"
+
+
+@pytest.mark.parametrize("bad, match", [(dict(prediction="noise"), "prediction must be one of"),
+                                        (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+                                        (dict(p_uncond=1.5), r"p_uncond must be in \[0, 1\], got 1.5")])
+def test_train_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
