@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -180,7 +181,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, preset {args.preset!r}")
+    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs{load}, preset {args.preset!r}")
     compare(args, device, bf16_cl=False)
     if device.type == "cuda":
         compare(args, device, bf16_cl=True)

@@ -44,21 +44,21 @@ __all__ = ["UNetConfig", "UNet", "PRESETS", "unet_from_preset"]
 
 @dataclass(frozen=True, kw_only=True)
 class UNetConfig:
-    """Configuration of :class:`UNet`; level ``i`` has ``base_channels * channel_mults[i]`` channels."""
+    """Configuration of :class:`UNet` (defaults = the "tiny" preset); keyword-only."""
 
     in_channels: int = 1
     out_channels: int = 1
-    base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 1, 2)
-    num_res_blocks: int = 1
-    attn_levels: tuple[int, ...] = (2,)
-    mid_attention: bool = True
+    base_channels: int = 32  # level i has base_channels * channel_mults[i] channels
+    channel_mults: tuple[int, ...] = (1, 1, 2)  # one entry per resolution level; H, W halve between levels
+    num_res_blocks: int = 1  # ResBlocks per level on the way down (num_res_blocks + 1 on the way up)
+    attn_levels: tuple[int, ...] = (2,)  # level indices with self-(and cross-)attention after each ResBlock
+    mid_attention: bool = True  # attention between the two middle ResBlocks
     dropout: float = 0.0
-    num_groups: int = 8
+    num_groups: int = 8  # GroupNorm groups
     num_heads: int = 4
-    num_classes: int | None = None
-    context_dim: int | None = None
-    scale_shift: bool = False
+    num_classes: int | None = None  # K classes + a learned null class with id K
+    context_dim: int | None = None  # D of a context sequence (B, L, D) for cross-attention
+    scale_shift: bool = False  # AdaGN time conditioning (Dhariwal & Nichol 2021) instead of adding
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -99,9 +99,8 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(c.num_classes + 1, c.emb_dim) if c.num_classes is not None else None
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
         self.down, skip_chans = self._build_down(chans)
-        self.mid = nn.ModuleList([self._res(chans[-1], chans[-1]), self._attn(chans[-1]),
-                                  self._res(chans[-1], chans[-1])] if c.mid_attention else
-                                 [self._res(chans[-1], chans[-1]), self._res(chans[-1], chans[-1])])
+        mid_attn = [self._attn(chans[-1])] if c.mid_attention else []
+        self.mid = nn.ModuleList([self._res(chans[-1], chans[-1]), *mid_attn, self._res(chans[-1], chans[-1])])
         self.up = self._build_up(chans, skip_chans)
         self.norm_out = nn.GroupNorm(c.num_groups, chans[0])
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, 3, padding=1)
@@ -109,10 +108,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def _res(self, cin: int, cout: int) -> ResBlock:
+        """A ResBlock configured from self.config."""
         c = self.config
         return ResBlock(cin, cout, emb_dim=c.emb_dim, num_groups=c.num_groups, dropout=c.dropout, scale_shift=c.scale_shift)
 
     def _attn(self, ch: int) -> AttentionBlock:
+        """An AttentionBlock configured from self.config."""
         c = self.config
         return AttentionBlock(ch, num_heads=c.num_heads, num_groups=c.num_groups, context_dim=c.context_dim)
 
@@ -165,6 +166,7 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     def _check_labels(self, class_labels: torch.Tensor, batch: int) -> torch.Tensor:
+        """Raise unless class_labels is int64 (batch,) with values in 0..num_classes (num_classes = null)."""
         n = self.config.num_classes
         if class_labels.shape != (batch,) or class_labels.dtype != torch.long:
             raise ValueError(f"class_labels must be int64 of shape ({batch},), got {class_labels.dtype} {tuple(class_labels.shape)}")
@@ -173,7 +175,8 @@ class UNet(nn.Module):
                              f"got values in {int(class_labels.min())}..{int(class_labels.max())}")
         return class_labels
 
-    def _check_context(self, context, context_mask, batch):
+    def _check_context(self, context: torch.Tensor | None, context_mask: torch.Tensor | None, batch: int) -> None:
+        """Raise unless context is (batch, L, context_dim) and context_mask is None or bool (batch, L)."""
         if context is None:
             if context_mask is not None:
                 raise ValueError("context_mask was given without context")
