@@ -128,14 +128,16 @@ def make_step(model, call, *, batch, channels, size, device, bf16_cl):
     return step
 
 
-def images_per_s(step, n_steps: int, batch: int, device: torch.device) -> float:
+def images_per_s(step, n_steps: int, batch: int, device: torch.device) -> tuple[float, float]:
+    """Images per wall-clock second and per CPU-second of this process (steadier on a shared machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n_steps):
         step()
     sync()
-    return n_steps * batch / (time.perf_counter() - start)
+    n = n_steps * batch
+    return n / (time.perf_counter() - start), n / (time.process_time() - start_cpu)
 
 
 def compare(args, device: torch.device, bf16_cl: bool) -> float:
@@ -154,16 +156,19 @@ def compare(args, device: torch.device, bf16_cl: bool) -> float:
         for _ in range(args.warmup):
             steps[k]()
     print(f"\n{'bf16 autocast + channels_last' if bf16_cl else 'float32'} on {device}, batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.steps} steps per round, img/s:")
-    print(f"{'round':>5} {'minidiff':>10} {'diffusers':>10} {'ratio':>7}")
-    ratios = []
+          f"{args.size}x{args.size}, {args.steps} steps per round")
+    print(f"{'round':>5} | {'img/s: minidiff':>15} {'diffusers':>10} {'ratio':>6} | "
+          f"{'img/CPU-s: minidiff':>19} {'diffusers':>10} {'ratio':>6}")
+    ratios, cpu_ratios = [], []
     for r in range(args.rounds):
-        a = images_per_s(steps["minidiff"], args.steps, args.batch, device)
-        b = images_per_s(steps["diffusers"], args.steps, args.batch, device)
+        a, a_cpu = images_per_s(steps["minidiff"], args.steps, args.batch, device)
+        b, b_cpu = images_per_s(steps["diffusers"], args.steps, args.batch, device)
         ratios.append(a / b)
-        print(f"{r:>5} {a:>10.1f} {b:>10.1f} {a / b:>7.2f}")
+        cpu_ratios.append(a_cpu / b_cpu)
+        print(f"{r:>5} | {a:>15.1f} {b:>10.1f} {a / b:>6.2f} | {a_cpu:>19.1f} {b_cpu:>10.1f} {a_cpu / b_cpu:>6.2f}")
     med = statistics.median(ratios)
-    print(f"median ratio minidiff / diffusers: {med:.2f}")
+    print(f"median ratio minidiff / diffusers: {med:.2f} (wall clock), "
+          f"{statistics.median(cpu_ratios):.2f} (CPU time)")
     return med
 
 
