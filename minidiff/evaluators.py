@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -294,6 +295,17 @@ RECIPES = {"fashion-mnist": dict(steps=2000, flip=True), "mnist": dict(steps=150
            "cifar10": dict(steps=6000, flip=True), "shapes": dict(steps=2000, flip=False, n_train=20000, n_test=5000)}
 
 
+def _hardware() -> str:
+    """CPU model, core count, torch threads and load average: training wall time depends on all four."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}, load average {load:.1f} at the end"
+
+
 def _train_command(args) -> None:
     recipe = dict(RECIPES[args.dataset])
     steps = args.steps or recipe["steps"]
@@ -311,7 +323,7 @@ def _train_command(args) -> None:
     print("test accuracy:", json.dumps(acc), flush=True)
     facts = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                  n_train=len(x_train), n_test=len(x_test), wall_time_s=round(wall, 1),
-                 hardware=f"{platform.processor() or platform.machine()}, torch threads={torch.get_num_threads()}",
+                 hardware=_hardware(),
                  torch=torch.__version__, test_accuracy=acc,
                  command=f"python -m minidiff.evaluators train --dataset {args.dataset}"
                          + (f" --steps {args.steps}" if args.steps else ""))

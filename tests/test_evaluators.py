@@ -23,11 +23,11 @@ def _within_noise(measured, recorded, n, n_card):
 def test_fashion_classifier_matches_its_card_on_the_test_set():
     model, card = E.load_classifier("fashion-mnist"), _card("fashion-mnist")
     images, targets = E.training_data("fashion-mnist", "test")
-    images, targets = images[-3000:], targets[-3000:]
+    images, targets = images[-2000:], targets[-2000:]
     acc = E.head_accuracy(model, images, targets)["label"]
     recorded = card["test_accuracy"]["label"]
     assert recorded >= 0.90
-    assert _within_noise(acc, recorded, 3000, card["n_test"]), (acc, recorded)
+    assert _within_noise(acc, recorded, 2000, card["n_test"]), (acc, recorded)
     assert metrics.class_accuracy(model, images, targets[:, 0]) == pytest.approx(acc)
 
 
@@ -94,10 +94,10 @@ def test_attrs_to_targets_gives_one_answer_per_picture():
 
 
 def test_train_classifier_lowers_the_loss(gen):
-    images, targets = E.training_data("fashion-mnist", "train", n=512)
+    images, targets = E.training_data("fashion-mnist", "test", n=256)
     model = E.build_classifier("fashion-mnist")
-    losses = E.train_classifier(model, images, targets, steps=40, batch_size=64, generator=gen, log_every=0)
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    losses = E.train_classifier(model, images, targets, steps=25, batch_size=32, generator=gen, log_every=0)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     with pytest.raises(ValueError, match="dataset must be one of"):
         E.build_classifier("imagenet")
 
