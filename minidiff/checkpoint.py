@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
-           "save_model", "load_model", "read_safetensors", "atomic_write_bytes"]
+           "save_model", "load_model", "read_safetensors", "read_metadata", "atomic_write_bytes"]
 
 TRAIN_FORMAT = "minidiff-checkpoint-v1"
 MODEL_FORMAT = "minidiff-model-v1"
@@ -64,6 +64,18 @@ def read_safetensors(path, *, expect_format: str | None = None) -> tuple[dict, d
     if expect_format is not None and metadata.get("format") != expect_format:
         raise CheckpointError(f"{path} is not a {expect_format} file (format={metadata.get('format')!r})")
     return tensors, metadata
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a safetensors file (reads only the header), with the same errors as ``read_safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupted or truncated (not a readable safetensors file): {e}") from e
 
 
 def _prefixed(prefix: str, tensors: dict) -> dict:

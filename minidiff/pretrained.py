@@ -10,17 +10,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import MODEL_FORMAT, CheckpointError, load_model, read_metadata
 
 __all__ = ["WEIGHTS_DIR", "available", "load", "model_card"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+def _is_denoiser_file(path: Path) -> bool:
+    """True for files written by ``save_model`` (and for damaged ones, so that ``load`` reports the damage);
+    False for other safetensors files in the folder, such as the evaluator classifiers."""
+    try:
+        return read_metadata(path).get("format") == MODEL_FORMAT
+    except CheckpointError:
+        return True
+
+
 def available(*, weights_dir=None) -> list[str]:
-    """Names of the shipped models (the ``*.safetensors`` files in the weights folder), sorted."""
+    """Names of the shipped diffusion models (``save_model`` files in the weights folder), sorted."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.safetensors") if _is_denoiser_file(p))
 
 
 def _path(name: str, weights_dir, suffix: str) -> Path:

@@ -31,6 +31,13 @@ def test_round_trip(weights_dir):
     assert torch.equal(loaded(x, sigma, class_labels=labels), original(x, sigma, class_labels=labels))
 
 
+def test_other_safetensors_files_are_not_listed(weights_dir):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(weights_dir[0] / "classifier.safetensors"), metadata={"format": "other"})
+    assert pretrained.available(weights_dir=weights_dir[0]) == ["toy"]
+
+
 def test_unknown_name_lists_available(weights_dir):
     with pytest.raises(KeyError, match=r"unknown pretrained model 'nope'.*\['toy'\]"):
         pretrained.load("nope", weights_dir=weights_dir[0])
