@@ -60,6 +60,9 @@ def test_shipped_classifiers_are_small_and_expose_features(name):
     assert model.features(x).shape == (2, c.feature_dim) and 64 <= c.feature_dim <= 128
     with pytest.raises(ValueError, match="x must be"):
         model.features(torch.zeros(2, 5, 8, 8))
+    images, _ = E.training_data(name, "test", n=500, seed=1)
+    rms = E.extract_features(model, images).pow(2).mean().sqrt()
+    assert 0.8 < rms < 1.25  # calibrated to unit RMS on training data, so KID's cubic kernel stays tame
 
 
 def test_missing_corrupted_renamed_and_tampered_files_fail_clearly(tmp_path):
