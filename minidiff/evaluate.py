@@ -24,6 +24,7 @@ from .evaluators import extract_features, load_classifier, training_data
 from .guidance import CFGDenoiser
 from .samplers import get_sampler
 from .schedules import get_sigmas
+from .utils import get_device
 
 __all__ = ["Generated", "generate", "real_features", "evaluate", "format_table", "main"]
 
@@ -111,7 +112,8 @@ def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_
              **generate_options) -> dict:
     """Generate ``n`` samples and score them in the shipped classifier's feature space; returns a dict.
 
-    Keys: fid, fid_floor (train vs test at the same n), kid, kid_std, class_accuracy (None if unconditional),
+    Keys: fid, fid_floor (train vs test at the same n), kid, kid_std (std over subsets of min(n, 1000); 0 when
+    n <= 1000, since every subset is then the whole set), class_accuracy (None if unconditional),
     precision, recall, nfe, wall_time_s (generation), n, and the settings. ``generator`` defaults to one
     seeded with ``seed``.
     """
@@ -139,7 +141,7 @@ def format_table(result: dict) -> str:
     acc = result["class_accuracy"]
     rows = [("classifier-FID", f"{result['fid']:.3f}"),
             (f"real-vs-real floor (n={result['n']})", f"{result['fid_floor']:.3f}"),
-            ("KID", f"{result['kid']:.5f} +- {result['kid_std']:.5f}"),
+            ("KID", f"{result['kid']:.5f}" + (f" +- {result['kid_std']:.5f}" if result["n"] > 1000 else "")),
             ("class accuracy", "n/a (unconditional)" if acc is None else f"{100 * acc:.1f}%"),
             ("precision (k=3)", f"{result['precision']:.3f}"), ("recall (k=3)", f"{result['recall']:.3f}"),
             ("NFE per sample", str(result["nfe"])), ("wall time (s)", f"{result['wall_time_s']:.1f}")]
@@ -171,8 +173,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spacing", default="leading", help="timestep spacing for get_sigmas")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: minidiff.utils.get_device() (CUDA, MPS, then CPU)")
     args = p.parse_args(argv)
+    args.device = args.device or str(get_device())
     denoiser = _load_denoiser(args.checkpoint, args.device)
     result = evaluate(denoiser, dataset=args.dataset, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                       n=args.n, batch_size=args.batch_size, seed=args.seed, spacing=args.spacing,

@@ -228,6 +228,7 @@ def save_classifier(model: Classifier, path, *, half: bool = True) -> Path:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(asdict(model.config))})
+    tmp.chmod(0o644)  # package data: readable by everyone
     tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
     return path
 
