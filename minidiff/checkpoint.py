@@ -196,8 +196,8 @@ def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float
     return Path(path)
 
 
-def load_model(path, *, device=None):
-    """Rebuild the ``Denoiser`` saved by ``save_model`` (weights cast to float32, eval mode)."""
+def load_model(path, *, device=None, clip_x0: bool = False):
+    """Rebuild the ``Denoiser`` saved by ``save_model`` (weights cast to float32, eval mode; see Denoiser for clip_x0)."""
     from .parameterization import Denoiser
     from .unet import UNet, UNetConfig
 
@@ -206,5 +206,5 @@ def load_model(path, *, device=None):
     net = UNet(UNetConfig(**spec["unet"]))
     weights = {k: v.float() if v.dtype.is_floating_point else v for k, v in _unprefixed("net.", tensors).items()}
     net.load_state_dict(weights)
-    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"])
+    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0)
     return denoiser.to(device or "cpu").eval()

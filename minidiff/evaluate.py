@@ -156,7 +156,7 @@ def _load_denoiser(name_or_path: str, device):
         from .checkpoint import load_model
         if not Path(name_or_path).is_file():
             raise FileNotFoundError(f"--checkpoint {name_or_path!r}: no such file")
-        return load_model(name_or_path, device=device)
+        return load_model(name_or_path, device=device, clip_x0=True)  # pixel models: as pretrained.load
     from .pretrained import load
     return load(name_or_path, device=device)
 

@@ -85,13 +85,20 @@ class Denoiser(nn.Module):
     sigma is mapped to a continuous timestep with ``sigma_to_t`` (k-diffusion's DiscreteEpsDDPMDenoiser),
     so the net sees the same t it saw in training on the grid, and an interpolated t between grid points.
     The float64 table ``alphas_cumprod`` is a plain attribute (not a buffer) so ``.to(dtype)`` never rounds it.
+
+    ``clip_x0=True`` clamps x0_hat to the data range [-1, 1] ("clip_denoised" in Ho et al. 2020's sampler; static
+    thresholding in Saharia et al. 2022, Sec. 2.3). An eps-model's x0_hat = (x - b eps_hat) / a multiplies any
+    error in eps_hat by 1/a = sqrt(1 + sigma^2), about 2e4 at the last step of the cosine schedule: without the
+    clamp a single wrong pixel there can survive the whole reverse process.
     """
 
-    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, prediction: str = "eps", *,
+                 clip_x0: bool = False):
         super().__init__()
         _check_prediction(prediction)
         self.net = net
         self.prediction = prediction
+        self.clip_x0 = bool(clip_x0)
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = sigmas.min().item(), sigmas.max().item()  # sigma_max = inf at zero SNR
@@ -111,10 +118,12 @@ class Denoiser(nn.Module):
         if out.shape != x.shape:
             raise ValueError(f"net output must have the shape of x {tuple(x.shape)}, got {tuple(out.shape)}")
         if self.prediction == "x0":
-            return out
-        if self.prediction == "eps":
-            return x0_from_eps(x, out, sigma)
-        return x0_from_v(x, out, sigma)
+            x0_hat = out
+        elif self.prediction == "eps":
+            x0_hat = x0_from_eps(x, out, sigma)
+        else:
+            x0_hat = x0_from_v(x, out, sigma)
+        return x0_hat.clamp(-1, 1) if self.clip_x0 else x0_hat
 
 
 # ----------------------------------------------------------------------------- training

@@ -42,11 +42,15 @@ def _path(name: str, weights_dir, suffix: str) -> Path:
     return folder / f"{name}{suffix}"
 
 
-def load(name: str, *, device=None, weights_dir=None):
-    """The pretrained ``Denoiser`` called ``name`` (eval mode, float32) on ``device`` (default CPU)."""
+def load(name: str, *, device=None, weights_dir=None, clip_x0: bool = True):
+    """The pretrained ``Denoiser`` called ``name`` (eval mode, float32) on ``device`` (default CPU).
+
+    The shipped models are pixel-space models of data in [-1, 1], so x0_hat is clipped to that range by default
+    (Ho et al. 2020's clip_denoised); ``clip_x0=False`` shows the raw network, as lecture 03 does.
+    """
     path = _path(name, weights_dir, ".safetensors")
     try:
-        return load_model(path, device=device)
+        return load_model(path, device=device, clip_x0=clip_x0)
     except CheckpointError as e:
         raise CheckpointError(f"pretrained model {name!r} cannot be loaded: {e}. Reinstall minidiff or "
                               f"re-export it with `python -m minidiff.train export RUN_DIR {path}`") from e

@@ -105,6 +105,14 @@ def test_denoiser_eps_at_inf_sigma_says_use_v(gen):
     assert torch.isfinite(out).all() and torch.equal(out[0], torch.zeros(3))  # x0 = a x - b v = 0 at a = 0, v = 0
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_denoiser_clip_x0_clamps_only_the_estimate(gen, prediction):
+    net = lambda x, t: 3 * torch.ones_like(x)  # noqa: E731  (x0 = 3 for "x0": outside the data range)
+    x, sigma = torch.randn(2, 4, generator=gen), torch.tensor([0.5, 50.0], dtype=F64)
+    raw, clipped = Denoiser(net, AB, prediction)(x, sigma), Denoiser(net, AB, prediction, clip_x0=True)(x, sigma)
+    assert raw.abs().max() > 1 and torch.equal(clipped, raw.clamp(-1, 1))
+
+
 def test_denoiser_rejects_wrong_output_shape():
     D = Denoiser(lambda x, t: x[:, :1], AB, "x0")
     with pytest.raises(ValueError, match="net output must have the shape of x"):

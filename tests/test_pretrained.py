@@ -25,10 +25,19 @@ def weights_dir(tmp_path):
 def test_round_trip(weights_dir):
     folder, original = weights_dir
     assert pretrained.available(weights_dir=folder) == ["toy"]
-    loaded = pretrained.load("toy", weights_dir=folder)
+    loaded = pretrained.load("toy", weights_dir=folder, clip_x0=False)
     assert pretrained.model_card("toy", weights_dir=folder) == {"steps": 0, "note": "test"}
     x, sigma, labels = torch.randn(3, 1, 28, 28), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0, 5, 10])
     assert torch.equal(loaded(x, sigma, class_labels=labels), original(x, sigma, class_labels=labels))
+
+
+def test_load_clips_x0_to_the_data_range_by_default(weights_dir):
+    folder, original = weights_dir
+    x, sigma = torch.randn(2, 1, 28, 28), torch.tensor([100.0, 1000.0])  # 1/a ~ sigma amplifies eps errors
+    raw = original(x, sigma)
+    assert raw.abs().max() > 1  # the case the clamp exists for
+    clipped = pretrained.load("toy", weights_dir=folder)(x, sigma)
+    assert torch.equal(clipped, raw.clamp(-1, 1))
 
 
 def test_other_safetensors_files_are_not_listed(weights_dir):
