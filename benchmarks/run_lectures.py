@@ -1,0 +1,69 @@
+"""Execute lectures top to bottom in a fresh kernel (full size unless --smoke), time them, and export their figures.
+
+Each figure a cell displays is written to ``OUT/<notebook>-<cell>-<k>.png``; the timings go to ``OUT/timings.json``.
+The README shows a few of these figures, so a reader sees what the course produces.
+
+Run:
+    python benchmarks/run_lectures.py notebooks/01_forward_process.ipynb notebooks/03_samplers.ipynb --out docs/images
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+
+
+def execute(path: Path, *, smoke: bool, timeout: int) -> tuple[nbformat.NotebookNode, float]:
+    """Run the notebook in a fresh kernel from its own folder; errors propagate (no cell may fail)."""
+    nb = nbformat.read(path, as_version=4)
+    env = dict(os.environ, MINIDIFF_SMOKE="1" if smoke else "0")
+    os.environ.update(env)  # the kernel inherits this process's environment
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    start = time.time()
+    client.execute()
+    return nb, time.time() - start
+
+
+def export_figures(nb: nbformat.NotebookNode, stem: str, out: Path) -> list[str]:
+    """Write every image/png output as a file; return the file names."""
+    names = []
+    for i, cell in enumerate(nb.cells):
+        for k, output in enumerate(cell.get("outputs", [])):
+            png = output.get("data", {}).get("image/png")
+            if png:
+                name = f"{stem}-cell{i:02d}-{k}.png"
+                (out / name).write_bytes(base64.b64decode(png))
+                names.append(name)
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("docs/images"))
+    parser.add_argument("--smoke", action="store_true", help="run with MINIDIFF_SMOKE=1 (as CI does)")
+    parser.add_argument("--timeout", type=int, default=3600, help="per-cell time limit in seconds")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings_path = args.out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for path in args.notebooks:
+        nb, seconds = execute(path, smoke=args.smoke, timeout=args.timeout)
+        figures = export_figures(nb, path.stem, args.out)
+        timings[path.stem] = {"seconds": round(seconds, 1), "smoke": args.smoke, "figures": len(figures),
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+                                         f"{torch.get_num_threads()}, cuda={torch.cuda.is_available()}"}
+        print(f"{path.name}: {seconds:.0f} s, {len(figures)} figures -> {args.out}", flush=True)
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
