@@ -58,18 +58,20 @@ def _num_classes(denoiser) -> int | None:
     return getattr(getattr(getattr(denoiser, "net", None), "config", None), "num_classes", None)
 
 
-def _guided(denoiser, guidance: float, num_classes: int | None):
+def _guided(denoiser, guidance: float, num_classes: int | None, guidance_rescale: float = 0.0):
     if guidance == 1.0:
         return denoiser
     if num_classes is None:
         raise ValueError(f"guidance must be 1.0 for an unconditional model (no null class to guide against), "
                          f"got {guidance}")
-    return CFGDenoiser(denoiser, guidance, uncond={"class_labels": torch.tensor(num_classes)})
+    return CFGDenoiser(denoiser, guidance, uncond={"class_labels": torch.tensor(num_classes)},
+                       guidance_rescale=guidance_rescale)
 
 
 def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 1.0,
              batch_size: int = 250, generator: torch.Generator | None = None, num_classes: int | None = None,
-             spacing: str = "leading", device=None, progress: bool = True, **sampler_options) -> Generated:
+             spacing: str = "leading", guidance_rescale: float = 0.0, device=None, progress: bool = True,
+             **sampler_options) -> Generated:
     """Draw ``n`` samples of ``shape`` (C, H, W); class-balanced labels 0, 1, ..., K-1, 0, ... if conditional.
 
     ``num_classes`` defaults to the U-Net's; guidance uses ``CFGDenoiser`` with the null class id K as uncond.
@@ -79,7 +81,7 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
     num_classes = num_classes if num_classes is not None else _num_classes(denoiser)
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     counter = _CountCalls(denoiser)
-    model, fn = _guided(counter, guidance, num_classes), get_sampler(sampler)
+    model, fn = _guided(counter, guidance, num_classes, guidance_rescale), get_sampler(sampler)
     sigmas = get_sigmas(denoiser.alphas_cumprod, steps, spacing=spacing)
     labels = torch.arange(n) % num_classes if num_classes is not None else None
     images, t0 = [], time.time()

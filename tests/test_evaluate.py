@@ -61,6 +61,20 @@ def test_guidance_uses_the_null_class_and_needs_a_conditional_model():
         ev.generate(d, n=2, shape=(1, 28, 28), steps=2, guidance=3.0, progress=False)
 
 
+def test_guidance_rescale_reaches_the_cfg_wrapper(monkeypatch):
+    made = []
+
+    class Recording(ev.CFGDenoiser):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(kw["guidance_rescale"])
+
+    monkeypatch.setattr(ev, "CFGDenoiser", Recording)
+    ev.generate(_denoiser(), n=2, shape=(1, 28, 28), steps=2, guidance=5.0, guidance_rescale=0.7,
+                generator=torch.Generator().manual_seed(0), progress=False)
+    assert made == [0.7]
+
+
 def test_evaluate_returns_every_metric():
     result = ev.evaluate(_denoiser(), dataset="fashion-mnist", steps=2, n=24, batch_size=12, seed=0,
                          kid_subsets=3, progress=False)
