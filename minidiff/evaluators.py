@@ -8,17 +8,14 @@ penultimate layer, ``forward(x)`` its logits (a dict of heads for the multi-attr
 Numbers in this feature space are comparable between runs of this course, not with published Inception FIDs.
 
 Train one with ``python -m minidiff.evaluators train --dataset fashion-mnist`` (also ``shapes``, ``mnist``,
-``cifar10``); it writes ``minidiff/weights/classifier-<dataset>.safetensors`` and a JSON model card beside it.
+``cifar10``); it writes ``minidiff/weights/classifier-<dataset>.safetensors`` and a JSON model card beside it
+(the recipe and the command are in ``minidiff.evaluator_training``).
 ``inception_features`` / ``inception_fid`` are an optional extra that needs torchvision's Inception download.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
-import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ClassifierConfig", "Classifier", "CONFIGS", "WEIGHTS_DIR", "build_classifier", "classifier_loss",
-           "attrs_to_targets", "train_classifier", "head_accuracy", "extract_features", "save_classifier", "load_classifier",
-           "available_classifiers", "training_data", "inception_features", "inception_fid", "main"]
+           "attrs_to_targets", "head_accuracy", "extract_features", "save_classifier", "load_classifier",
+           "available_classifiers", "training_data", "inception_features", "inception_fid"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "minidiff-classifier-v1"
@@ -165,30 +162,6 @@ def extract_features(model: Classifier, images: torch.Tensor, *, batch_size: int
     return torch.cat([model.features(xb.to(device)).cpu() for xb in images.split(batch_size)])
 
 
-def train_classifier(model: Classifier, images, targets, *, steps: int, batch_size: int = 128, lr: float = 3e-3,
-                     generator: torch.Generator | None = None, log_every: int = 100, augment_flip: bool = False):
-    """Adam with a one-cycle learning rate; minibatches drawn with ``generator``. Returns the loss history."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    losses = []
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
-        x = images[idx]
-        if augment_flip:
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = classifier_loss(model, x, targets[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}/{steps}  loss {loss.item():.4f}", flush=True)
-    return losses
-
-
 def training_data(dataset: str, split: str, *, n: int | None = None, seed: int = 0):
     """(images, targets (N, n_heads)) for a dataset; for 'shapes', ``n`` fresh samples drawn with ``seed``."""
     if dataset == "shapes":
@@ -289,108 +262,6 @@ def load_classifier(name_or_path="fashion-mnist", *, device=None, check_card: bo
     return model.to(device or "cpu").eval()
 
 
-def write_model_card(model: Classifier, path: Path, **facts) -> Path:
-    """JSON card beside the weights: data, architecture, size, training facts and measured test accuracy."""
-    card = {"dataset": model.config.dataset, "file": path.name, "format": FORMAT,
-            "stored_dtype": str(next(iter(_read_safetensors(path)[1].values())).dtype),
-            "arch": asdict(model.config), "params": sum(p.numel() for p in model.parameters()),
-            "file_bytes": path.stat().st_size, "sha256": file_sha256(path), **facts}
-    card_path = path.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return card_path
-
-
-SHAPES_TARGETS_NOTE = ("attrs_to_targets: pairs described with 'below'/'right of' are swapped to 'above'/'left of', so "
-                       "object 1 is the upper (or left) one; relation classes (above, left of, absent); object-2 "
-                       "heads have a last class 'absent'. About a quarter of two-object pictures are separated on "
-                       "both axes, so their caption's choice of relation cannot be read from the image: this "
-                       "bounds the relation head's accuracy.")
-
-# Training recipes: steps, and for 'shapes' how many procedural samples (seed 0 train, seed 1 test).
-RECIPES = {"fashion-mnist": dict(steps=2000, flip=True), "mnist": dict(steps=1500, flip=False),
-           "cifar10": dict(steps=6000, flip=True), "shapes": dict(steps=2000, flip=False, n_train=20000, n_test=5000)}
-
-
-def _hardware() -> str:
-    """CPU model, core count, torch threads and load average: training wall time depends on all four."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}, load average {load:.1f} at the end"
-
-
-@torch.no_grad()
-def calibrate_feature_scale(model: Classifier, images: torch.Tensor) -> float:
-    """Set ``config.feature_scale`` to the RMS of the unscaled features of ``images`` (training data)."""
-    model.config.feature_scale = 1.0
-    model.config.feature_scale = float(extract_features(model, images).pow(2).mean().sqrt())
-    return model.config.feature_scale
-
-
-def _finish(model: Classifier, path: Path, dataset: str, facts: dict, *, half: bool = True) -> None:
-    """Calibrate, save, re-measure test accuracy on the weights as saved, write the card."""
-    recipe = RECIPES[dataset]
-    x_train, _ = training_data(dataset, "train", n=min(5000, recipe.get("n_train", 5000)), seed=0)
-    x_test, y_test = training_data(dataset, "test", n=recipe.get("n_test"), seed=1)
-    calibrate_feature_scale(model, x_train)
-    path = save_classifier(model, path, half=half)
-    acc = head_accuracy(load_classifier(path, check_card=False), x_test, y_test)  # the card is rewritten below
-    print("test accuracy:", json.dumps(acc), flush=True)
-    facts = {**facts, "n_test": len(x_test), "test_accuracy": acc, "torch": torch.__version__}
-    if dataset == "shapes":
-        facts["data"] = "minidiff.shapes.make_shapes(n_train, size=32, seed=0); test: make_shapes(n_test, seed=1)"
-        facts["targets"] = SHAPES_TARGETS_NOTE
-    print("wrote", path, "and", write_model_card(model, path, **facts), flush=True)
-
-
-def _train_command(args) -> None:
-    recipe = RECIPES[args.dataset]
-    steps = args.steps or recipe["steps"]
-    torch.manual_seed(args.seed)
-    model = build_classifier(args.dataset)
-    x_train, y_train = training_data(args.dataset, "train", n=recipe.get("n_train"), seed=0)
-    print(f"{args.dataset}: {len(x_train)} train images, {steps} steps", flush=True)
-    t0 = time.time()
-    train_classifier(model, x_train, y_train, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                     generator=torch.Generator().manual_seed(args.seed), augment_flip=recipe["flip"])
-    facts = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, n_train=len(x_train),
-                 wall_time_s=round(time.time() - t0, 1), hardware=_hardware(),
-                 command=f"python -m minidiff.evaluators train --dataset {args.dataset}"
-                         + (f" --steps {args.steps}" if args.steps else ""))
-    _finish(model, Path(args.out or _weights_path(args.dataset)), args.dataset, facts)
-
-
-def _calibrate_command(args) -> None:
-    """Recompute feature_scale of an existing file, keeping its training facts; accuracy is re-measured."""
-    path = Path(args.out or _weights_path(args.dataset))
-    card = json.loads(path.with_suffix(".json").read_text())
-    half = _read_safetensors(path)[1]["fc.weight"].dtype == torch.float16
-    keep = {k: v for k, v in card.items() if k not in {"dataset", "file", "format", "stored_dtype", "arch", "params",
-                                                       "file_bytes", "sha256", "n_test", "test_accuracy", "torch"}}
-    keep["calibrated_with"] = f"python -m minidiff.evaluators calibrate --dataset {args.dataset}"
-    _finish(load_classifier(path), path, args.dataset, keep, half=half)
-
-
-def main(argv=None) -> None:
-    """Command line: ``python -m minidiff.evaluators train|calibrate --dataset fashion-mnist|shapes|mnist|cifar10``."""
-    parser = argparse.ArgumentParser(prog="python -m minidiff.evaluators", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train an evaluator and write its weights and model card")
-    c = sub.add_parser("calibrate", help="recompute the feature scale of a trained evaluator and its card")
-    for q in (p, c):
-        q.add_argument("--dataset", required=True, choices=tuple(CONFIGS))
-        q.add_argument("--out", default=None, help="default: minidiff/weights/classifier-<dataset>.safetensors")
-    p.add_argument("--steps", type=int, default=None, help="default: the dataset's recipe in RECIPES")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    (_train_command if args.command == "train" else _calibrate_command)(args)
-
-
 # ---------------------------------------------------------------- optional: Inception FID (needs a download)
 
 def inception_features(images: torch.Tensor, *, batch_size: int = 50, device=None) -> torch.Tensor:
@@ -425,5 +296,6 @@ def inception_fid(images_a: torch.Tensor, images_b: torch.Tensor, **kw) -> float
     return frechet_distance_from_features(inception_features(images_a, **kw), inception_features(images_b, **kw))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the training command lives in evaluator_training, to keep this module short
+    from minidiff.evaluator_training import main
     main()

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from minidiff import evaluator_training
 from minidiff import evaluators as E
 from minidiff import metrics
 
@@ -99,7 +100,7 @@ def test_attrs_to_targets_gives_one_answer_per_picture():
 def test_train_classifier_lowers_the_loss(gen):
     images, targets = E.training_data("fashion-mnist", "test", n=256)
     model = E.build_classifier("fashion-mnist")
-    losses = E.train_classifier(model, images, targets, steps=25, batch_size=32, generator=gen, log_every=0)
+    losses = evaluator_training.train_classifier(model, images, targets, steps=25, batch_size=32, generator=gen, log_every=0)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     with pytest.raises(ValueError, match="dataset must be one of"):
         E.build_classifier("imagenet")
