@@ -1,6 +1,8 @@
-"""Execute lectures top to bottom in a fresh kernel (full size unless --smoke), time them, and export their figures.
+"""Execute lectures top to bottom in a fresh kernel (full size unless --smoke), time them, export their figures and
+what they printed.
 
-Each figure a cell displays is written to ``OUT/<notebook>-<cell>-<k>.png``; the timings go to ``OUT/timings.json``.
+Each figure a cell displays is written to ``OUT/<notebook>-<cell>-<k>.png``, the timings go to ``OUT/timings.json``
+and the printed text to ``OUT/<notebook>-printed.txt``.
 The README shows a few of these figures, so a reader sees what the course produces.
 
 Run:
@@ -45,6 +47,20 @@ def export_figures(nb: nbformat.NotebookNode, stem: str, out: Path) -> list[str]
     return names
 
 
+def printed_text(nb: nbformat.NotebookNode) -> str:
+    """Everything the cells printed (stream and text results), cell by cell, for quoting measured numbers."""
+    parts = []
+    for i, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                text = output.get("text", "")
+            else:  # execute_result / display_data; skip reprs such as "<Figure size ...>"
+                text = output.get("data", {}).get("text/plain", "")
+            if text and not text.startswith("<"):
+                parts.append(f"--- cell {i} ---\n{text.rstrip()}\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -61,8 +77,9 @@ def main() -> None:
         timings[path.stem] = {"seconds": round(seconds, 1), "smoke": args.smoke, "figures": len(figures),
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
                                          f"{torch.get_num_threads()}, cuda={torch.cuda.is_available()}"}
+        (args.out / f"{path.stem}-printed.txt").write_text(printed_text(nb))
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")  # after each lecture, so a later failure keeps it
         print(f"{path.name}: {seconds:.0f} s, {len(figures)} figures -> {args.out}", flush=True)
-    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
 
 if __name__ == "__main__":
