@@ -23,7 +23,7 @@ from . import metrics
 from .evaluators import extract_features, load_classifier, training_data
 from .guidance import CFGDenoiser
 from .samplers import get_sampler
-from .schedules import get_sigmas
+from .schedules import SPACINGS, get_sigmas
 from .utils import get_device
 
 __all__ = ["Generated", "generate", "real_features", "evaluate", "format_table", "main"]
@@ -70,9 +70,13 @@ def _guided(denoiser, guidance: float, num_classes: int | None, guidance_rescale
 
 def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 1.0,
              batch_size: int = 250, generator: torch.Generator | None = None, num_classes: int | None = None,
-             spacing: str = "leading", guidance_rescale: float = 0.0, device=None, progress: bool = True,
+             spacing: str = "trailing", guidance_rescale: float = 0.0, device=None, progress: bool = True,
              **sampler_options) -> Generated:
     """Draw ``n`` samples of ``shape`` (C, H, W); class-balanced labels 0, 1, ..., K-1, 0, ... if conditional.
+
+    ``spacing`` defaults to "trailing": the first step is at t = T - 1, where x_T ~ N(0, I) really is the marginal.
+    "leading" starts at t = T - T/steps and ignores the signal left there (Lin et al. 2024, "Common diffusion noise
+    schedules and sample steps are flawed", Sec. 3.3); with the shipped model it costs 2-5x in FID at 10-20 steps.
 
     ``num_classes`` defaults to the U-Net's; guidance uses ``CFGDenoiser`` with the null class id K as uncond.
     """
@@ -174,7 +178,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spacing", default="leading", help="timestep spacing for get_sigmas")
+    p.add_argument("--spacing", default="trailing", choices=SPACINGS, help="timestep spacing for get_sigmas")
     p.add_argument("--device", default=None, help="default: minidiff.utils.get_device() (CUDA, MPS, then CPU)")
     args = p.parse_args(argv)
     args.device = args.device or str(get_device())

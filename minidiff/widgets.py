@@ -157,7 +157,7 @@ def schedule_explorer(images: torch.Tensor | None = None, *, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- (2) samplers, lecture 03
-def sampler_view(denoiser, sampler: str = "dpmpp_2m", steps: int = 10, eta: float = 0.0, spacing: str = "leading",
+def sampler_view(denoiser, sampler: str = "dpmpp_2m", steps: int = 10, eta: float = 0.0, spacing: str = "trailing",
                  seed: int = 0, *, n_images: int = 8, image_size: int = 28) -> Figure:
     """Samples (one per class, cycling) from ``denoiser`` with a sampler, step count, eta and spacing,
     beside the list of noise levels it walks; the title gives the NFE and the wall time."""
@@ -188,7 +188,7 @@ def sampler_explorer(denoiser=None, *, n_images: int = 8, image_size: int = 28):
         sampler=W.Dropdown(options=list(SAMPLERS), value="dpmpp_2m", description="sampler"),
         steps=W.IntSlider(value=10, min=1, max=100, description="steps", **slider),
         eta=W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.1, description="eta", **slider),
-        spacing=W.Dropdown(options=SPACING_CHOICES, value="leading", description="spacing"),
+        spacing=W.Dropdown(options=SPACING_CHOICES, value="trailing", description="spacing"),
         seed=W.IntText(value=0, description="seed"),
         n_images=W.fixed(n_images), image_size=W.fixed(image_size),
     )
@@ -196,7 +196,7 @@ def sampler_explorer(denoiser=None, *, n_images: int = 8, image_size: int = 28):
 
 # ----------------------------------------------------------------------------- (3) guidance, lecture 05
 def guidance_view(denoiser, class_label: int = 0, guidance_scale: float = 3.0, guidance_rescale: float = 0.0,
-                  steps: int = 20, seed: int = 0, *, sampler: str = "dpmpp_2m", spacing: str = "leading",
+                  steps: int = 20, seed: int = 0, *, sampler: str = "dpmpp_2m", spacing: str = "trailing",
                   n_images: int = 8, image_size: int = 28, class_names=None) -> Figure:
     """``n_images`` samples of one class with classifier-free guidance (``CFGDenoiser``, null class as uncond)."""
     num_classes = _num_classes(denoiser)
@@ -241,7 +241,7 @@ def guidance_explorer(denoiser=None, *, class_names=None, n_images: int = 8, ima
         guidance_rescale=W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.05, description="rescale", **slider),
         steps=W.IntSlider(value=20, min=1, max=100, description="steps", **slider),
         seed=W.IntText(value=0, description="seed"),
-        sampler=W.fixed("dpmpp_2m"), spacing=W.fixed("leading"),
+        sampler=W.fixed("dpmpp_2m"), spacing=W.fixed("trailing"),
         n_images=W.fixed(n_images), image_size=W.fixed(image_size),
         class_names=W.fixed(names),
     )
