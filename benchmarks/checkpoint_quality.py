@@ -7,6 +7,8 @@ class accuracy, precision and recall (Kynkaanniemi et al. 2019).
 Run:
     OMP_NUM_THREADS=2 python benchmarks/checkpoint_quality.py --checkpoint fashion-mnist-cond --n 200 \
         --card minidiff/weights/fashion-mnist-cond.json
+    # add rows to the stored table without rerunning DDPM-1000:
+    python benchmarks/checkpoint_quality.py --n 200 --spacings karras --no-reference --card ...
 """
 from __future__ import annotations
 
@@ -21,19 +23,24 @@ import torch
 from minidiff import pretrained
 from minidiff.evaluate import evaluate
 
-# (sampler, steps, spacing): the rows the issue asks for. Heun with 10 steps makes 19 network calls. The few-step
-# rows run with both timestep spacings: "leading" (DDIM's original, first step at t = T - T/n) and "trailing"
-# (first step at t = T - 1; Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed",
-# Sec. 3.3). At 1000 steps both spacings give every timestep, so DDPM-1000 runs once.
+# (sampler, steps): the rows the issue asks for. Heun with 10 steps makes 19 network calls. The few-step rows run
+# with each spacing asked for: "trailing" (first step at t = T - 1; Lin et al. 2024, "Common diffusion noise
+# schedules and sample steps are flawed", Sec. 3.3), "leading" (DDIM's original, first step at t = T - T/n) and
+# "karras" (Karras et al. 2022 Eq. 5 up to EDM's sigma_max = 80). At 1000 steps "trailing" and "leading" give every
+# timestep, so the DDPM-1000 reference runs once.
 FEW_STEP = [("ddim", 50), ("euler", 20), ("heun", 10), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
-ROWS = [("ddpm", 1000, "trailing")] + [(s, n, "trailing") for s, n in FEW_STEP] + [(s, n, "leading") for s, n in FEW_STEP]
+REFERENCE = ("ddpm", 1000, "trailing")
 
 
-def run(checkpoint: str, n: int, guidances: list[float], seed: int, batch_size: int) -> list[dict]:
+def rows_for(spacings: list[str], reference: bool) -> list[tuple[str, int, str]]:
+    return [REFERENCE] * reference + [(s, n, spacing) for spacing in spacings for s, n in FEW_STEP]
+
+
+def run(checkpoint: str, n: int, guidances: list[float], seed: int, batch_size: int, rows_spec) -> list[dict]:
     denoiser = pretrained.load(checkpoint)
     rows = []
     for guidance in guidances:
-        for sampler, steps, spacing in ROWS:
+        for sampler, steps, spacing in rows_spec:
             start = time.time()
             r = evaluate(denoiser, dataset="fashion-mnist", sampler=sampler, steps=steps, guidance=guidance,
                          n=n, seed=seed, batch_size=batch_size, progress=False, spacing=spacing)
@@ -72,23 +79,38 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--card", default=None, help="model card JSON to store the table in (key 'metrics')")
+    parser.add_argument("--spacings", nargs="+", default=["trailing", "leading", "karras"],
+                        help="spacings for the few-step rows (see minidiff.schedules.sampling_sigmas)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the DDPM-1000 row (about 45 min on a CPU)")
+    parser.add_argument("--card", default=None, help="model card JSON to store the table in (key 'metrics'); rows "
+                        "with the same settings are replaced, others kept, so a table can be extended")
     args = parser.parse_args(argv)
     print(f"checkpoint {args.checkpoint}, n = {args.n} per row, seed {args.seed}, "
           f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print(HEADER)
     start = time.time()
-    rows = run(args.checkpoint, args.n, args.guidance, args.seed, args.batch_size)
+    rows = run(args.checkpoint, args.n, args.guidance, args.seed, args.batch_size,
+               rows_for(args.spacings, not args.no_reference))
     print(verdict(rows))
     print(f"(took {time.time() - start:.0f} s)")
     if args.card:
-        card_path = Path(args.card)
-        card = json.loads(card_path.read_text())
-        card["metrics"] = {"command": "python benchmarks/checkpoint_quality.py " + " ".join(argv or []),
-                           "n_per_row": args.n, "feature_net": "classifier-fashion-mnist (shipped)",
-                           "rows": rows, "verdict": verdict(rows)}
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        print(f"stored in {card_path}")
+        store(Path(args.card), rows, args, argv)
+
+
+def store(card_path: Path, rows: list[dict], args, argv) -> None:
+    """Merge ``rows`` into the card's table (same n and seed only) and recompute the verdict over all rows."""
+    card = json.loads(card_path.read_text())
+    old = card.get("metrics", {})
+    if old and (old.get("n_per_row"), old.get("seed", 0)) != (args.n, args.seed):
+        old = {}  # a table at another n or seed is not comparable: start over
+    key = lambda r: (r["sampler"], r["steps"], r["spacing"], r["guidance"])  # noqa: E731
+    merged = {key(r): r for r in old.get("rows", [])} | {key(r): r for r in rows}
+    command = "python benchmarks/checkpoint_quality.py " + " ".join(argv or [])
+    card["metrics"] = {"commands": old.get("commands", []) + [command], "n_per_row": args.n, "seed": args.seed,
+                       "feature_net": "classifier-fashion-mnist (shipped)", "rows": list(merged.values()),
+                       "verdict": verdict(list(merged.values()))}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"stored in {card_path}: {len(merged)} rows")
 
 
 if __name__ == "__main__":

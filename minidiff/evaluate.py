@@ -23,7 +23,7 @@ from . import metrics
 from .evaluators import extract_features, load_classifier, training_data
 from .guidance import CFGDenoiser
 from .samplers import get_sampler
-from .schedules import SPACINGS, get_sigmas
+from .schedules import SAMPLING_SPACINGS, sampling_sigmas
 from .utils import get_device
 
 __all__ = ["Generated", "generate", "real_features", "evaluate", "format_table", "main"]
@@ -77,6 +77,8 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
     ``spacing`` defaults to "trailing": the first step is at t = T - 1, where x_T ~ N(0, I) really is the marginal.
     "leading" starts at t = T - T/steps and ignores the signal left there (Lin et al. 2024, "Common diffusion noise
     schedules and sample steps are flawed", Sec. 3.3); with the shipped model it costs 2-5x in FID at 10-20 steps.
+    "karras" uses Karras et al. 2022's sigmas (Eq. 5) over the table's range: Heun needs it here, because its
+    trapezoid rule in sigma fails on trailing's first step from sigma ~ 2e4 down to ~ 6 (see lecture 03).
 
     ``num_classes`` defaults to the U-Net's; guidance uses ``CFGDenoiser`` with the null class id K as uncond.
     """
@@ -86,7 +88,7 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     counter = _CountCalls(denoiser)
     model, fn = _guided(counter, guidance, num_classes, guidance_rescale), get_sampler(sampler)
-    sigmas = get_sigmas(denoiser.alphas_cumprod, steps, spacing=spacing)
+    sigmas = sampling_sigmas(denoiser.alphas_cumprod, steps, spacing)
     labels = torch.arange(n) % num_classes if num_classes is not None else None
     images, t0 = [], time.time()
     with torch.no_grad(), tqdm(total=n, desc=f"{sampler} {steps} steps", disable=not progress) as bar:
@@ -178,7 +180,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spacing", default="trailing", choices=SPACINGS, help="timestep spacing for get_sigmas")
+    p.add_argument("--spacing", default="trailing", choices=SAMPLING_SPACINGS,
+                   help="timestep spacing for get_sigmas, or karras for Karras et al. 2022's sigmas")
     p.add_argument("--device", default=None, help="default: minidiff.utils.get_device() (CUDA, MPS, then CPU)")
     args = p.parse_args(argv)
     args.device = args.device or str(get_device())

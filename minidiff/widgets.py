@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 SCHEDULE_CHOICES = ("linear", "cosine", "scaled_linear", "sigmoid", "karras")
-SPACING_CHOICES = schedules.SPACINGS + ("karras",)
+SPACING_CHOICES = schedules.SAMPLING_SPACINGS
 _BETA_SCHEDULES = ("linear", "scaled_linear", "sigmoid")  # the ones a beta range applies to
 
 
@@ -74,15 +74,6 @@ def _image_shape(denoiser, image_size: int) -> tuple[int, int, int]:
 def _model_device(denoiser) -> torch.device:
     params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
     return params[0].device if params else get_device()
-
-
-def _sampling_sigmas(denoiser, steps: int, spacing: str) -> torch.Tensor:
-    """(steps+1,) sigmas on the denoiser's training table; spacing "karras" uses Karras sigmas over its range."""
-    if spacing not in SPACING_CHOICES:
-        raise ValueError(f"spacing must be one of {SPACING_CHOICES}, got {spacing!r}")
-    if spacing == "karras":
-        return schedules.get_sigmas(denoiser.alphas_cumprod, steps, karras=True)
-    return schedules.get_sigmas(denoiser.alphas_cumprod, steps, spacing=spacing)
 
 
 def _run_sampler(denoiser, sampler: str, sigmas, shape, seed: int, extra_args: dict, options: dict):
@@ -162,7 +153,7 @@ def sampler_view(denoiser, sampler: str = "dpmpp_2m", steps: int = 10, eta: floa
     """Samples (one per class, cycling) from ``denoiser`` with a sampler, step count, eta and spacing,
     beside the list of noise levels it walks; the title gives the NFE and the wall time."""
     options = {"eta": eta} if "eta" in inspect.signature(get_sampler(sampler)).parameters else {}
-    sigmas = _sampling_sigmas(denoiser, steps, spacing)
+    sigmas = schedules.sampling_sigmas(denoiser.alphas_cumprod, steps, spacing)
     shape = (n_images, *_image_shape(denoiser, image_size))
     cond = _class_labels(denoiser, None, n_images, _model_device(denoiser))
     out, nfe, seconds = _run_sampler(denoiser, sampler, sigmas, shape, seed, cond, options)
@@ -207,7 +198,7 @@ def guidance_view(denoiser, class_label: int = 0, guidance_scale: float = 3.0, g
     device = _model_device(denoiser)
     guided = CFGDenoiser(denoiser, guidance_scale, guidance_rescale=guidance_rescale,
                          uncond={"class_labels": torch.tensor([num_classes], device=device)})  # the null class
-    sigmas = _sampling_sigmas(denoiser, steps, spacing)
+    sigmas = schedules.sampling_sigmas(denoiser.alphas_cumprod, steps, spacing)
     shape = (n_images, *_image_shape(denoiser, image_size))
     cond = _class_labels(denoiser, class_label, n_images, device)
     out, nfe, seconds = _run_sampler(guided, sampler, sigmas, shape, seed, cond, {})

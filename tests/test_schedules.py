@@ -252,3 +252,29 @@ def test_get_sigmas_plain_and_karras():
     assert k[0].item() == pytest.approx(finite.max().item(), rel=1e-12)
     assert k[-2].item() == pytest.approx(finite.min().item(), rel=1e-12)
     assert np.all(np.diff(k.numpy()) < 0)
+
+
+def test_sampling_sigmas_karras_caps_sigma_max_at_edm_80():
+    ab = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
+    table = S.sigmas_from_alphas_cumprod(ab)
+    assert table.max() > 1e4  # the cosine table goes far beyond EDM's range
+    s = S.sampling_sigmas(ab, 10, "karras")
+    assert s.shape == (11,) and s[-1] == 0
+    assert s[0].item() == pytest.approx(80.0) and s[-2].item() == pytest.approx(table.min().item())
+    assert torch.all(s[1:] < s[:-1])
+    # a table that never reaches 80 keeps its own maximum
+    lin = S.alphas_cumprod_from_betas(S.linear_betas(1000, 1e-4, 0.002))
+    assert S.sampling_sigmas(lin, 5, "karras")[0].item() == pytest.approx(
+        S.sigmas_from_alphas_cumprod(lin).max().item())
+
+
+@pytest.mark.parametrize("spacing", S.SPACINGS)
+def test_sampling_sigmas_spacings_match_get_sigmas(spacing):
+    ab = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
+    assert torch.equal(S.sampling_sigmas(ab, 7, spacing), S.get_sigmas(ab, 7, spacing=spacing))
+
+
+def test_sampling_sigmas_unknown_spacing_names_the_choices():
+    ab = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
+    with pytest.raises(ValueError, match="spacing must be one of .*karras.*got 'edm'"):
+        S.sampling_sigmas(ab, 5, "edm")
