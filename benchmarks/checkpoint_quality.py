@@ -66,7 +66,7 @@ def verdict(rows: list[dict]) -> str:
     at = {(r["sampler"], r["steps"], r["spacing"], r["guidance"]): r for r in rows}
     dpm, ddpm = at.get(("dpmpp_2m", 20, "trailing", 3.0)), at.get(("ddpm", 1000, "trailing", 3.0))
     if dpm is None or ddpm is None:
-        return "bar not evaluated (needs guidance 3 rows)"
+        return "bar not evaluated (needs the DDPM-1000 and trailing DPM++ 2M/20 rows at guidance 3)"
     acc_ok, fid_ok = dpm["class_accuracy"] >= 0.85, dpm["fid"] <= 3 * ddpm["fid"]
     return (f"DPM++ 2M/20 (trailing) at guidance 3: class accuracy {100 * dpm['class_accuracy']:.1f}% (>= 85%: {acc_ok}); "
             f"FID {dpm['fid']:.2f} vs DDPM-1000 {ddpm['fid']:.2f} (within 3x: {fid_ok})")
