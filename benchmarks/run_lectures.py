@@ -52,6 +52,8 @@ def printed_text(nb: nbformat.NotebookNode) -> str:
     parts = []
     for i, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                continue  # progress bars and warnings
             if output.get("output_type") == "stream":
                 text = output.get("text", "")
             else:  # execute_result / display_data; skip reprs such as "<Figure size ...>"
