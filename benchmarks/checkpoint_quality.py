@@ -52,8 +52,9 @@ def run(checkpoint: str, n: int, guidances: list[float], seed: int, batch_size: 
 
 
 def format_row(r: dict) -> str:
-    return (f"| {r['sampler']:8s} | {r['spacing']:8s} | {r['steps']:4d} | {r['nfe']:4d} | {r['guidance']:3.1f} | {r['fid']:7.2f} | "
-            f"{r['fid_floor']:5.2f} | {100 * r['class_accuracy']:5.1f}% | {r['precision']:5.3f} | {r['recall']:5.3f} |"
+    return (f"| {r['sampler']:8s} | {r['spacing']:8s} | {r['steps']:4d} | {r['nfe']:4d} | {r['guidance']:3.1f} | "
+            f"{r['fid']:7.2f} | {r['fid_floor']:5.2f} | {100 * r['class_accuracy']:5.1f}% | {r['precision']:5.3f} | "
+            f"{r['recall']:5.3f} |"
             f" {r['wall_time_s']:6.0f} |")
 
 
@@ -68,8 +69,8 @@ def verdict(rows: list[dict]) -> str:
     if dpm is None or ddpm is None:
         return "bar not evaluated (needs the DDPM-1000 and trailing DPM++ 2M/20 rows at guidance 3)"
     acc_ok, fid_ok = dpm["class_accuracy"] >= 0.85, dpm["fid"] <= 3 * ddpm["fid"]
-    return (f"DPM++ 2M/20 (trailing) at guidance 3: class accuracy {100 * dpm['class_accuracy']:.1f}% (>= 85%: {acc_ok}); "
-            f"FID {dpm['fid']:.2f} vs DDPM-1000 {ddpm['fid']:.2f} (within 3x: {fid_ok})")
+    return (f"DPM++ 2M/20 (trailing) at guidance 3: class accuracy {100 * dpm['class_accuracy']:.1f}% "
+            f"(>= 85%: {acc_ok}); FID {dpm['fid']:.2f} vs DDPM-1000 {ddpm['fid']:.2f} (within 3x: {fid_ok})")
 
 
 def main(argv=None) -> None:

@@ -77,8 +77,9 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
     ``spacing`` defaults to "trailing": the first step is at t = T - 1, where x_T ~ N(0, I) really is the marginal.
     "leading" starts at t = T - T/steps and ignores the signal left there (Lin et al. 2024, "Common diffusion noise
     schedules and sample steps are flawed", Sec. 3.3); with the shipped model it costs 2-5x in FID at 10-20 steps.
-    "karras" uses Karras et al. 2022's sigmas (Eq. 5) over the table's range: Heun needs it here, because its
-    trapezoid rule in sigma fails on trailing's first step from sigma ~ 2e4 down to ~ 6 (see lecture 03).
+    "karras" uses Karras et al. 2022's sigmas (Eq. 5) up to EDM's sigma_max = 80 (``schedules.sampling_sigmas``):
+    Heun needs it here, because its trapezoid rule in sigma fails on trailing's first step from sigma ~ 2e4 down to
+    ~ 6 (see lecture 03).
 
     ``num_classes`` defaults to the U-Net's; guidance uses ``CFGDenoiser`` with the null class id K as uncond.
     """
