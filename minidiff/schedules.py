@@ -265,17 +265,19 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
 
 
 def get_sigmas(alphas_cumprod, n: int, *, spacing: str = "leading", karras: bool = False,
-               rho: float = 7.0) -> torch.Tensor:
+               rho: float = 7.0, sigma_max: float | None = None) -> torch.Tensor:
     """(n+1,) descending sigmas ending in 0: the table at ``timesteps(T, n, spacing)``.
 
-    With ``karras=True``: Karras sigmas (Eq. 5) between the smallest and largest finite sigma of the table.
+    With ``karras=True``: Karras sigmas (Eq. 5) between the smallest and largest finite sigma of the table, the
+    largest capped at ``sigma_max`` if given.
     """
     table = sigmas_from_alphas_cumprod(alphas_cumprod)
     if karras:
         finite = table[torch.isfinite(table)]
         if len(finite) == 0:
             raise ValueError("alphas_cumprod has no finite sigma; cannot build Karras sigmas")
-        return karras_sigmas(n, finite.min().item(), finite.max().item(), rho)
+        top = finite.max().item() if sigma_max is None else min(finite.max().item(), sigma_max)
+        return karras_sigmas(n, finite.min().item(), top, rho)
     return sigmas_for_timesteps(alphas_cumprod, timesteps(len(table), n, spacing))
 
 
@@ -293,7 +295,5 @@ def sampling_sigmas(alphas_cumprod, n: int, spacing: str) -> torch.Tensor:
     if spacing not in SAMPLING_SPACINGS:
         raise ValueError(f"spacing must be one of {SAMPLING_SPACINGS}, got {spacing!r}")
     if spacing == "karras":
-        table = sigmas_from_alphas_cumprod(alphas_cumprod)
-        finite = table[torch.isfinite(table)]
-        return karras_sigmas(n, finite.min().item(), min(finite.max().item(), EDM_SIGMA_MAX))
+        return get_sigmas(alphas_cumprod, n, karras=True, sigma_max=EDM_SIGMA_MAX)
     return get_sigmas(alphas_cumprod, n, spacing=spacing)
