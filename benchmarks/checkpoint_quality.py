@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minidiff import pretrained
-from minidiff.evaluate import evaluate
+from minidiff.eval.evaluation import evaluate
 
 # (sampler, steps): the rows the issue asks for. Heun with 10 steps makes 19 network calls. The few-step rows run
 # with each spacing asked for: "trailing" (first step at t = T - 1; Lin et al. 2024, "Common diffusion noise

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiff.nn import Downsample, Upsample
-from minidiff.unet import PRESETS, UNet, UNetConfig
+from minidiff.models.layers import Downsample, Upsample
+from minidiff.models.unet import PRESETS, UNet, UNetConfig
 
 
 def diffusers_twin(cfg: UNetConfig, size: int):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import vp_coefficients
-from .utils import append_dims
+from minidiff.schedules import vp_coefficients
+from minidiff.utils import append_dims, randn
 
 __all__ = ["q_sample", "q_sample_sigma", "forward_trajectory", "check_timesteps", "check_sigma"]
 
@@ -77,8 +77,7 @@ def forward_trajectory(x0: torch.Tensor, alphas_cumprod: torch.Tensor, ts, *,
     Sharing eps makes the picture fade smoothly from x_0 to noise, which is what a student wants to see.
     """
     ts = torch.as_tensor(ts, dtype=torch.int64).reshape(-1)
-    device = generator.device if generator is not None else x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
+    noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     B = x0.shape[0]
     frames = [q_sample(x0, t.expand(B).clone(), noise, alphas_cumprod) for t in ts]
     return torch.stack(frames)

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from minidiff.utils import rand
+
 __all__ = ["CFGDenoiser", "rescale_guidance", "condition_dropout"]
 
 
@@ -109,6 +111,5 @@ def condition_dropout(labels: torch.Tensor, p: float, null_id: int, *,
         raise ValueError(f"p (condition dropout probability) must be in [0, 1], got {p}")
     if not torch.is_tensor(labels) or labels.dtype != torch.int64:
         raise ValueError(f"labels must be an int64 tensor, got {type(labels).__name__} {getattr(labels, 'dtype', '')}")
-    device = generator.device if generator is not None else labels.device
-    drop = torch.rand(labels.shape, generator=generator, device=device).to(labels.device) < p
+    drop = rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_id), labels)

@@ -1,7 +1,7 @@
 """The course's pretrained models: ``load("fashion-mnist-cond")`` returns a ready denoiser.
 
 Each model is two files in ``minidiff/weights/``: ``<name>.safetensors`` (EMA weights, alphas_cumprod
-and the spec to rebuild the net, written by ``minidiff.checkpoint.save_model`` through
+and the spec to rebuild the net, written by ``minidiff.training.checkpoint.save_model`` through
 ``python -m minidiff.train export``) and ``<name>.json``, its model card (config, data, steps, wall
 time, hardware, metrics).
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import MODEL_FORMAT, CheckpointError, load_model, read_metadata
+from minidiff.files import WEIGHTS_DIR, CheckpointError, read_metadata
+from minidiff.training.checkpoint import MODEL_FORMAT, load_model
 
 __all__ = ["WEIGHTS_DIR", "available", "load", "model_card"]
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def _is_denoiser_file(path: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Every sampler has one signature (docs/DESIGN.md)::
 
-    sample_<name>(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False, **options)
+    sample_<name>(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
+                  noise_sampler=None, **options)
 
 and only ever asks the denoiser for ``x0_hat = denoiser(x, sigma)``; it never knows whether the network
 behind it predicts eps, x0 or v. The state ``x`` is the VP-scaled ``x_t`` of DDPM and ``sigma`` the VE
@@ -19,6 +20,11 @@ finite at sigma = inf (zero terminal SNR) and at sigma = 0.
 | eps_hat = (x - a x0_hat)/b | ``eps_hat``      | implied noise = dx_ve/dsigma of the VE PF-ODE        |
 |                            |                  | (Karras et al. 2022, Eq. 3 with sigma(t) = t)        |
 
+Samplers never build an autograd graph (each runs under ``torch.no_grad``): a 1000-step DDPM run outside
+``no_grad`` would otherwise keep every step's activations alive. Stochastic samplers draw their fresh noise from
+``noise_sampler(sigma, sigma_next) -> tensor like x`` (k-diffusion's hook; default: N(0, I) from ``generator``),
+so image-to-image, inpainting and SDE variants can supply their own; deterministic samplers accept and ignore it.
+
 Useful identity: in VE coordinates x/a = x0_hat + s * eps_hat, so an Euler step of the VE ODE to s_next
 lands at x0_hat + s_next * eps_hat, i.e. ``a_next * x0_hat + b_next * eps_hat`` in VP coordinates:
 Euler on the VE ODE *is* DDIM with eta = 0.
@@ -30,8 +36,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .schedules import vp_coefficients
-from .utils import check_finite, get_device
+from minidiff.schedules import vp_coefficients
+from minidiff.utils import check_finite, check_generator, get_device, randn
 
 __all__ = ["sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
            "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "SAMPLERS", "get_sampler", "sample", "VARIANCES"]
@@ -59,6 +65,24 @@ def _check_sigmas(sigmas) -> torch.Tensor:
     return s
 
 
+def _noise(x: torch.Tensor, generator, noise_sampler):
+    """The noise source of a stochastic step: ``noise_sampler`` if given (checked), else N(0, I) from ``generator``."""
+    check_generator(generator)
+    if noise_sampler is None:
+        return lambda s, s_next: randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if not callable(noise_sampler):
+        raise ValueError(f"noise_sampler must be callable as noise_sampler(sigma, sigma_next) -> tensor like x, "
+                         f"got {type(noise_sampler).__name__}")
+
+    def checked(s, s_next):
+        z = noise_sampler(s, s_next)
+        if not isinstance(z, torch.Tensor) or z.shape != x.shape:
+            raise ValueError(f"noise_sampler must return a tensor of shape {tuple(x.shape)}, "
+                             f"got {getattr(z, 'shape', type(z).__name__)}")
+        return z.to(device=x.device, dtype=x.dtype)
+    return checked
+
+
 def _prepare(x, sigmas, extra_args, callback) -> tuple[list[float], list[float], list[float], dict]:
     """Check the sampler inputs; return per-level Python floats (s, a, b) in float64 and the cond dict."""
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
@@ -83,12 +107,6 @@ def _eps_hat(x: torch.Tensor, x0_hat: torch.Tensor, a: float, b: float) -> torch
     return (x - a * x0_hat) / b
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers' randn_tensor)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
-
-
 def _steps(n: int, progress: bool):
     return tqdm(range(n), disable=not progress, leave=False)
 
@@ -105,7 +123,7 @@ def _check_eta(eta: float, hi: float | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- DDPM and DDIM
-def _ddpm_step(x, x0_hat, a, b, a_next, b_next, variance, generator):
+def _ddpm_step(x, x0_hat, a, b, a_next, b_next, variance, z):
     """Sample q(x_next | x, x0_hat), Ho et al. 2020, Eq. 6-7, between two arbitrary levels of the list."""
     alpha = (a / a_next) ** 2  # alpha_t = alpha_bar_t / alpha_bar_prev (0 when sigma = inf)
     beta = 1.0 - alpha
@@ -113,26 +131,31 @@ def _ddpm_step(x, x0_hat, a, b, a_next, b_next, variance, generator):
     if b_next == 0:  # last step: the mean is x0_hat exactly, no noise
         return mean
     var = beta * b_next**2 / b**2 if variance == "fixed_small" else beta
-    return mean + math.sqrt(var) * _randn_like(x, generator)
+    return mean + math.sqrt(var) * z()
 
 
+@torch.no_grad()
 def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
-                variance="fixed_small"):
+                noise_sampler=None, variance="fixed_small"):
     """Ancestral DDPM sampling with posterior mean and variance beta_tilde or beta, Ho et al. 2020, Eq. 6-7."""
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    noise = _noise(x, generator, noise_sampler)
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, s[i], s[i + 1], x, x0_hat)
-        x = _ddpm_step(x, x0_hat, a[i], b[i], a[i + 1], b[i + 1], variance, generator)
+        x = _ddpm_step(x, x0_hat, a[i], b[i], a[i + 1], b[i + 1], variance, lambda: noise(s[i], s[i + 1]))
     return x
 
 
-def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False, eta=0.0):
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
+                noise_sampler=None, eta=0.0):
     """DDIM update x_next = a_next x0_hat + sqrt(b_next^2 - sigma_eta^2) eps_hat + sigma_eta z, Song et al. 2021, Eq. 12."""
     _check_eta(eta, hi=1.0)
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    noise = _noise(x, generator, noise_sampler)
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, s[i], s[i + 1], x, x0_hat)
@@ -141,14 +164,17 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
         var = eta**2 * (1.0 - (a[i] / a[i + 1]) ** 2) * b[i + 1] ** 2 / b[i] ** 2
         x = a[i + 1] * x0_hat + math.sqrt(max(b[i + 1] ** 2 - var, 0.0)) * eps_hat
         if var > 0:
-            x = x + math.sqrt(var) * _randn_like(x, generator)
+            x = x + math.sqrt(var) * noise(s[i], s[i + 1])
     return x
 
 
 # ----------------------------------------------------------------------------- Karras et al. 2022
-def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False):
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
+                 noise_sampler=None):
     """Euler on the VE PF-ODE dx/dsigma = eps_hat, Karras et al. 2022, Alg. 1 without the correction."""
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    _noise(x, generator, noise_sampler)  # deterministic: validated, never drawn from
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, s[i], s[i + 1], x, x0_hat)
@@ -157,15 +183,30 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
     return x
 
 
-def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False):
-    """Heun's 2nd-order method, Karras et al. 2022, Alg. 1 (Euler on the step to 0 and on a step from inf)."""
+HEUN_MAX_RATIO = 10.0  # steps with sigma / sigma_next above this take the Euler step (see sample_heun)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
+                noise_sampler=None, max_ratio=HEUN_MAX_RATIO):
+    """Heun's 2nd-order method, Karras et al. 2022, Alg. 1 (Euler on the step to 0 and on a step from inf).
+
+    Also Euler on any step whose ratio sigma / sigma_next exceeds ``max_ratio`` (default ``HEUN_MAX_RATIO``): the trapezoid averages the
+    slopes at both ends, and its correction (s_next - s)(d_next - d) / 2 grows with s. On the cosine schedule's
+    first trailing step (sigma 2e4 -> 6) it multiplied the slope difference by 1e4 and ended 100-4,500x farther
+    from the exact ODE endpoint than the data mean (tests/test_samplers_scan.py). Alg. 1's own levels (Karras
+    spacing from 80) never trigger it at 10 or more steps. ``max_ratio=math.inf`` is plain Alg. 1 (diffusers).
+    """
+    if not max_ratio > 1:
+        raise ValueError(f"max_ratio must be > 1 (math.inf: never fall back to Euler), got {max_ratio}")
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    _noise(x, generator, noise_sampler)  # deterministic: validated, never drawn from
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, s[i], s[i + 1], x, x0_hat)
         d = _eps_hat(x, x0_hat, a[i], b[i])
         x_euler = a[i + 1] * x0_hat + b[i + 1] * d
-        if s[i + 1] == 0 or math.isinf(s[i]):
+        if s[i + 1] == 0 or s[i] > max_ratio * s[i + 1]:  # includes s = inf
             x = x_euler
             continue
         d_next = _eps_hat(x_euler, _denoise(denoiser, x_euler, s[i + 1], cond), a[i + 1], b[i + 1])
@@ -174,11 +215,13 @@ def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     return x
 
 
+@torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                           progress=False, eta=1.0):
+                           progress=False, noise_sampler=None, eta=1.0):
     """Euler step down to sigma_down, then fresh noise of size sigma_up (k-diffusion get_ancestral_step)."""
     _check_eta(eta)
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    noise = _noise(x, generator, noise_sampler)
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, s[i], s[i + 1], x, x0_hat)
@@ -187,15 +230,16 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
         sigma_down = math.sqrt(s[i + 1] ** 2 - sigma_up**2)
         x_ve = x0_hat + sigma_down * _eps_hat(x, x0_hat, a[i], b[i])
         if sigma_up > 0:
-            x_ve = x_ve + sigma_up * _randn_like(x, generator)
+            x_ve = x_ve + sigma_up * noise(s[i], s[i + 1])
         x = a[i + 1] * x_ve
     return x
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++
-def _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, eta):
+def _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, noise_sampler, eta):
     """Shared loop of DPM-Solver++(2M) and its SDE variant (midpoint), in the VP state."""
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
+    noise = _noise(x, generator, noise_sampler)
     x0_old, h_last = None, None
     for i in _steps(len(s) - 1, progress):
         x0_hat = _denoise(denoiser, x, s[i], cond)
@@ -210,21 +254,24 @@ def _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, et
             x0_d = x0_hat + (x0_hat - x0_old) / (2 * r)  # (1 + 1/2r) D_i - (1/2r) D_{i-1}
         x = (b[i + 1] / b[i]) * q**eta * x + a[i + 1] * (1.0 - q ** (1.0 + eta)) * x0_d
         if eta > 0:
-            x = x + b[i + 1] * math.sqrt(1.0 - q ** (2.0 * eta)) * _randn_like(x, generator)
+            x = x + b[i + 1] * math.sqrt(1.0 - q ** (2.0 * eta)) * noise(s[i], s[i + 1])
         x0_old, h_last = x0_hat, h
     return x
 
 
-def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False):
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
+                    noise_sampler=None):
     """DPM-Solver++(2M), multistep 2nd order in x0, Lu et al. 2022 (arXiv:2211.01095), Alg. 2."""
-    return _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, eta=0.0)
+    return _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, noise_sampler, eta=0.0)
 
 
+@torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
-                        eta=1.0):
+                        noise_sampler=None, eta=1.0):
     """SDE-DPM-Solver++(2M), Lu et al. 2022, Eq. 18-19 (midpoint form as in k-diffusion); eta = 0 is the ODE."""
     _check_eta(eta)
-    return _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, eta=float(eta))
+    return _dpmpp_2m(denoiser, x, sigmas, extra_args, callback, generator, progress, noise_sampler, eta=float(eta))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -251,7 +298,6 @@ def sample(denoiser, shape, sigmas, *, sampler="dpmpp_2m", generator=None, devic
     """Draw x ~ N(0, I) of ``shape`` (with ``generator``) and run the named sampler over ``sigmas``."""
     fn = get_sampler(sampler)
     device = torch.device(device) if device is not None else get_device()
-    noise_device = generator.device if generator is not None else device
-    x = torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+    x = randn(shape, generator=generator, device=device)
     return fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
               progress=progress, **options)

@@ -21,7 +21,8 @@ __all__ = [
     "linear_betas", "scaled_linear_betas", "cosine_betas", "sigmoid_betas", "SCHEDULES", "make_betas",
     "alphas_cumprod_from_betas", "betas_from_alphas_cumprod", "rescale_zero_terminal_snr",
     "sigmas_from_alphas_cumprod", "alphas_cumprod_from_sigmas", "snr", "log_snr", "vp_coefficients",
-    "karras_sigmas", "SPACINGS", "timesteps", "sigmas_for_timesteps", "sigma_to_t", "get_sigmas",
+    "karras_sigmas", "SPACINGS", "timesteps", "sigmas_for_timesteps", "sigma_to_t", "SAMPLING_SPACINGS",
+    "EDM_SIGMA_MAX", "sampling_sigmas",
 ]
 
 F64 = torch.float64
@@ -196,11 +197,11 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def timesteps(T: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
-    """n integer timesteps in [0, T), descending, spaced as in diffusers (Lin et al. 2023, Table 2).
+def timesteps(T: int, n: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+    """n integer timesteps in [0, T), descending, spaced as in diffusers (Lin et al. 2024, Table 2).
 
-    - "leading":  arange(n) * (T // n) + steps_offset  (DDIM, Song et al. 2021; diffusers' default)
-    - "trailing": round(T - arange(n) * T / n) - 1      (always contains T - 1; Lin et al. 2023, Sec. 3.3)
+    - "leading":  arange(n) * (T // n) + steps_offset  (DDIM, Song et al. 2021; diffusers' old default)
+    - "trailing": round(T - arange(n) * T / n) - 1      (always contains T - 1; Lin et al. 2024, Sec. 3.3)
     - "linspace": round(linspace(0, T - 1, n))
     "trailing" is diffusers' round(arange(T, 0, -T/n)) - 1 written so it always has n entries
     (diffusers' float arange returns n + 1 entries, the last -1, for some n, e.g. T=1000, n=61).
@@ -264,36 +265,30 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
     return t.to(device=sigma.device, dtype=out_dtype)
 
 
-def get_sigmas(alphas_cumprod, n: int, *, spacing: str = "leading", karras: bool = False,
-               rho: float = 7.0, sigma_max: float | None = None) -> torch.Tensor:
-    """(n+1,) descending sigmas ending in 0: the table at ``timesteps(T, n, spacing)``.
-
-    With ``karras=True``: Karras sigmas (Eq. 5) between the smallest and largest finite sigma of the table, the
-    largest capped at ``sigma_max`` if given.
-    """
-    table = sigmas_from_alphas_cumprod(alphas_cumprod)
-    if karras:
-        finite = table[torch.isfinite(table)]
-        if len(finite) == 0:
-            raise ValueError("alphas_cumprod has no finite sigma; cannot build Karras sigmas")
-        top = finite.max().item() if sigma_max is None else min(finite.max().item(), sigma_max)
-        return karras_sigmas(n, finite.min().item(), top, rho)
-    return sigmas_for_timesteps(alphas_cumprod, timesteps(len(table), n, spacing))
-
-
 SAMPLING_SPACINGS = SPACINGS + ("karras",)
 EDM_SIGMA_MAX = 80.0  # Karras et al. 2022, Table 1: sigma_max = 80 for data in [-1, 1]
 
 
-def sampling_sigmas(alphas_cumprod, n: int, spacing: str) -> torch.Tensor:
-    """(n+1,) sigmas by one name: a timestep spacing of ``timesteps``, or "karras".
+def sampling_sigmas(alphas_cumprod, n: int, spacing: str = "trailing", *, rho: float = 7.0,
+                    sigma_max: float = EDM_SIGMA_MAX) -> torch.Tensor:
+    """(n+1,) descending sampling levels ending in 0, for every spacing: the one way to turn a schedule into sigmas.
 
-    "karras" is Karras et al. 2022's Eq. 5 from the table's smallest sigma up to min(table max, 80), EDM's
-    sigma_max: a cosine table reaches sigma ~ 2e4, and rho = 7 over that range leaves only 2-3 of 10 levels below
-    sigma = 40, where the image forms. Starting at 80 from N(0, 80^2 I) ignores data of std < 1, a 1e-4 error.
+    - "leading" / "trailing" / "linspace": the table's sigma at ``timesteps(T, n, spacing)`` (Lin et al. 2024,
+      Table 2). "trailing" (the default) starts at t = T - 1, the level the model was trained at.
+    - "karras": Karras et al. 2022, Eq. 5 (uniform in sigma^(1/rho)) from the table's smallest sigma up to
+      min(table max, ``sigma_max``); ``sigma_max`` defaults to EDM's 80. A cosine table reaches sigma ~ 2e4, and
+      rho = 7 over that range leaves only 2-3 of 10 levels below sigma = 40, where the image forms; starting at
+      80 from N(0, 80^2 I) ignores data of std < 1, a 1e-4 error. ``sigma_max=math.inf`` keeps the whole table
+      (diffusers' ``use_karras_sigmas``); ``sigma_max`` applies to "karras" only.
     """
     if spacing not in SAMPLING_SPACINGS:
         raise ValueError(f"spacing must be one of {SAMPLING_SPACINGS}, got {spacing!r}")
-    if spacing == "karras":
-        return get_sigmas(alphas_cumprod, n, karras=True, sigma_max=EDM_SIGMA_MAX)
-    return get_sigmas(alphas_cumprod, n, spacing=spacing)
+    table = sigmas_from_alphas_cumprod(alphas_cumprod)
+    if spacing != "karras":
+        return sigmas_for_timesteps(alphas_cumprod, timesteps(len(table), n, spacing))
+    if not sigma_max > 0:
+        raise ValueError(f"sigma_max must be > 0 (math.inf for the whole table), got {sigma_max}")
+    finite = table[torch.isfinite(table)]
+    if len(finite) == 0:
+        raise ValueError("alphas_cumprod has no finite sigma; cannot build Karras sigmas")
+    return karras_sigmas(n, finite.min().item(), min(finite.max().item(), sigma_max), rho)

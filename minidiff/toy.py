@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from .schedules import vp_coefficients
-from .utils import append_dims
+from minidiff.schedules import vp_coefficients
+from minidiff.utils import append_dims
 
 __all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "gaussian_pf_ode_endpoint", "sliced_wasserstein"]
 

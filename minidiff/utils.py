@@ -16,7 +16,8 @@ import os
 
 import torch
 
-__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite"]
+__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
+           "check_generator"]
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -70,3 +71,28 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite, got {n_bad} NaN/inf values out of {x.numel()}")
     return x
+
+
+def check_generator(generator) -> torch.Generator | None:
+    """Return ``generator`` if it is a torch.Generator or None; raise naming what was given otherwise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None (e.g. torch.Generator().manual_seed(0)), "
+                         f"got {type(generator).__name__} {generator!r}")
+    return generator
+
+
+def _draw(fn, shape, generator, device, dtype) -> torch.Tensor:
+    check_generator(generator)
+    source = generator.device if generator is not None else device
+    return fn(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
+
+
+def randn(shape, *, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` drawn on the generator's device, then moved to ``device`` (diffusers'
+    ``randn_tensor`` rule): the same seed gives the same noise whatever device the model runs on."""
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape, *, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
+    """U[0, 1) draws of ``shape``, with the device rule of ``randn``."""
+    return _draw(torch.rand, shape, generator, device, dtype)

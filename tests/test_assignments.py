@@ -2,8 +2,8 @@
 import nbformat
 import pytest
 
-from minidiff import assignments, checks
-from minidiff.assignments import ROOT, MarkerError, build, make_exercise, strip_source
+from minidiff.course import assignments, checks
+from minidiff.course.assignments import ROOT, MarkerError, build, make_exercise, strip_source
 
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minidiff import checkpoint
-from minidiff.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
-from minidiff.parameterization import Denoiser
+from minidiff import files
+from minidiff.denoiser import Denoiser
+from minidiff.models.unet import unet_from_preset
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training import EMA, make_optimizer
-from minidiff.unet import unet_from_preset
+from minidiff.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
 
 SMALL = dict(base_channels=8, channel_mults=(1, 2), num_groups=4, attn_levels=(1,), num_classes=3)
 
@@ -103,7 +103,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk died during fsync")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    monkeypatch.setattr(files.os, "fsync", crash)
     with pytest.raises(OSError, match="disk died"):
         _save(path, state, step=4)
     monkeypatch.undo()

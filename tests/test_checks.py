@@ -1,4 +1,4 @@
-"""minidiff.checks: correct implementations pass; realistic wrong ones fail with a message naming the mistake.
+"""minidiff.course.checks: correct implementations pass; realistic wrong ones fail with a message naming the mistake.
 
 The implementations below are what a student would write (from the equations, not from the library), so a
 check that wrongly rejects a correct answer, or accepts a wrong one, fails here.
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minidiff import checks
+from minidiff.course import checks
 from minidiff.schedules import vp_coefficients
 
 

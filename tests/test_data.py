@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff import data
+from minidiff.data import datasets as data
 
 needs_fashion = pytest.mark.skipif(
     not (data.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

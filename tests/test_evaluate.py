@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from minidiff import evaluate as ev
-from minidiff.parameterization import Denoiser
+from minidiff.denoiser import Denoiser
+from minidiff.eval import evaluation as ev
 from minidiff.schedules import alphas_cumprod_from_betas, linear_betas
 
 ALPHAS_CUMPROD = alphas_cumprod_from_betas(linear_betas(1000))
@@ -87,8 +87,8 @@ def test_evaluate_returns_every_metric():
 
 
 def test_cli_on_a_saved_tiny_unet(tmp_path, capsys):
-    from minidiff.checkpoint import save_model
-    from minidiff.unet import unet_from_preset
+    from minidiff.models.unet import unet_from_preset
+    from minidiff.training.checkpoint import save_model
     torch.manual_seed(0)
     net = unet_from_preset("tiny", base_channels=8, num_groups=4, num_classes=10)
     path = save_model(tmp_path / "tiny.safetensors", Denoiser(net, ALPHAS_CUMPROD))

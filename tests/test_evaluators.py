@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from minidiff import evaluator_training
-from minidiff import evaluators as E
-from minidiff import metrics
+from minidiff.eval import classifier_training as evaluator_training
+from minidiff.eval import classifiers as E
+from minidiff.eval import metrics
 
 
 def _card(name):
@@ -41,7 +41,7 @@ def test_shapes_classifier_matches_its_card_on_fresh_samples():
 
 
 def test_prompt_adherence_is_high_for_true_prompts_and_low_for_shuffled_ones():
-    from minidiff.shapes import make_shapes
+    from minidiff.data.shapes import make_shapes
     model = E.load_classifier("shapes")
     images, _, attrs = make_shapes(400, seed=777)
     true = metrics.prompt_adherence(model, images, attrs)

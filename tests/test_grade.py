@@ -8,9 +8,9 @@ import json
 import nbformat
 import pytest
 
-from minidiff import checks
-from minidiff.assignments import ROOT
-from minidiff.grade import grade_all, main
+from minidiff.course import checks
+from minidiff.course.assignments import ROOT
+from minidiff.course.grade import grade_all, main
 
 NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance"]
 SNR = "def snr(alphas_cumprod):\n    return alphas_cumprod / (1 - alphas_cumprod)"
@@ -62,7 +62,7 @@ def _notebook(path, sources):
 def broken_reports(tmp_path_factory):
     d = tmp_path_factory.mktemp("broken")
     crash = _notebook(d / "A1_crash.ipynb", ["import torch", SNR, "1 / 0", "import os\nos._exit(1)", Q_SAMPLE, FAKE])
-    loop = _notebook(d / "A1_loop.ipynb", [SNR, "while True:\n    pass", "from minidiff.checks import check\n"
+    loop = _notebook(d / "A1_loop.ipynb", [SNR, "while True:\n    pass", "from minidiff.course.checks import check\n"
                                            "check('A1.snr', snr)"])
     out = d / "reports"
     assert main([str(crash), str(loop), "--out", str(out), "--timeout", "60", "--cell-timeout", "3"]) == 0

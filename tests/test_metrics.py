@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from minidiff import metrics
+from minidiff.eval import metrics
 
 
 def _random_cov(d, gen):

@@ -1,10 +1,13 @@
 """Plotting helpers: the figures they build, and clear errors on bad shapes."""
+import math
+
 import matplotlib
 import pytest
 import torch
 from matplotlib.figure import Figure
 
-from minidiff import plotting, schedules
+from minidiff import schedules
+from minidiff.course import plotting
 
 matplotlib.use("Agg")
 
@@ -106,8 +109,8 @@ def test_plot_schedules_two_axes_with_markers():
 
 def test_plot_sigmas_drops_final_zero():
     ab = schedules.alphas_cumprod_from_betas(schedules.linear_betas())
-    fig = plotting.plot_sigmas({"leading": schedules.get_sigmas(ab, 10),
-                                "karras": schedules.get_sigmas(ab, 5, karras=True)})
+    fig = plotting.plot_sigmas({"leading": schedules.sampling_sigmas(ab, 10, "leading"),
+                                "karras": schedules.sampling_sigmas(ab, 5, "karras", sigma_max=math.inf)})
     (ax,) = fig.axes
     assert [len(line.get_xdata()) for line in ax.lines] == [10, 5]
     assert ax.get_yscale() == "log"

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from minidiff import pretrained
-from minidiff.checkpoint import CheckpointError, save_model
-from minidiff.parameterization import Denoiser
+from minidiff.denoiser import Denoiser
+from minidiff.models.unet import unet_from_preset
 from minidiff.samplers import sample
-from minidiff.schedules import alphas_cumprod_from_betas, get_sigmas, make_betas
-from minidiff.unet import unet_from_preset
+from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
+from minidiff.training.checkpoint import CheckpointError, save_model
 
 
 @pytest.fixture
@@ -75,6 +75,6 @@ def test_every_shipped_model_loads_and_samples(name):
     denoiser = pretrained.load(name)
     c = denoiser.net.config
     extra = {"class_labels": torch.arange(2)} if c.num_classes is not None else None
-    x = sample(denoiser, (2, c.in_channels, 28, 28), get_sigmas(denoiser.alphas_cumprod, 4),
+    x = sample(denoiser, (2, c.in_channels, 28, 28), sampling_sigmas(denoiser.alphas_cumprod, 4, "leading"),
                generator=torch.Generator().manual_seed(0), device="cpu", extra_args=extra)
     assert x.shape == (2, c.in_channels, 28, 28) and torch.isfinite(x).all()

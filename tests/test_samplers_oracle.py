@@ -35,7 +35,7 @@ def test_output_distribution_approaches_data(name, gen):
     floor = max(_sw(gm.sample(n, generator=gen, dtype=F64), ref) for _ in range(3))
     err = {}
     for steps in (2, 100):
-        sigmas = S.get_sigmas(LINEAR_AC, steps, spacing="trailing")
+        sigmas = S.sampling_sigmas(LINEAR_AC, steps, "trailing")
         x = torch.randn(n, 2, generator=gen, dtype=F64)
         err[steps] = _sw(SAMPLERS[name](gm.denoiser, x, sigmas, generator=gen), ref)
     assert err[100] < 2.0 * floor, f"{name}: 100 steps err {err[100]:.4f} vs noise floor {floor:.4f}"
@@ -45,7 +45,7 @@ def test_output_distribution_approaches_data(name, gen):
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_mean_and_cov_match_mixture(name, gen):
     gm, n = _mixture(), 3000
-    sigmas = S.get_sigmas(LINEAR_AC, 50, spacing="trailing")
+    sigmas = S.sampling_sigmas(LINEAR_AC, 50, "trailing")
     out = SAMPLERS[name](gm.denoiser, torch.randn(n, 2, generator=gen, dtype=F64), sigmas, generator=gen)
     # standard error of a mean is sqrt(var / n); allow 4 of them per coordinate
     se = (gm.cov().diag() / n).sqrt()
@@ -91,7 +91,7 @@ def test_second_order_samplers_beat_euler_at_equal_nfe(gen):
 # ----------------------------------------------------------------------------- identities between samplers
 def test_ddim_eta1_is_ddpm_fixed_small_and_euler_is_ddim_eta0(gen):
     gm, x = _mixture(), torch.randn(16, 2, generator=gen, dtype=F64)
-    sigmas = S.get_sigmas(LINEAR_AC, 12)
+    sigmas = S.sampling_sigmas(LINEAR_AC, 12, "leading")
     ddpm = sample_ddpm(gm.denoiser, x, sigmas, generator=torch.Generator().manual_seed(5))
     ddim1 = sample_ddim(gm.denoiser, x, sigmas, eta=1.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ddim1, ddpm, rtol=1e-10, atol=1e-10)
@@ -104,12 +104,12 @@ def test_ddim_eta1_is_ddpm_fixed_small_and_euler_is_ddim_eta0(gen):
 # ----------------------------------------------------------------------------- 3. never NaN
 def _schedule_sigmas(kind, T, n):
     if kind == "cosine_karras":
-        return S.get_sigmas(S.alphas_cumprod_from_betas(S.cosine_betas(T)), n, karras=True)
+        return S.sampling_sigmas(S.alphas_cumprod_from_betas(S.cosine_betas(T)), n, "karras", sigma_max=math.inf)
     if kind.startswith("zero_snr"):
         ac = S.alphas_cumprod_from_betas(S.rescale_zero_terminal_snr(S.linear_betas(T)))
-        return S.get_sigmas(ac, n, spacing=kind.split("_")[-1])
+        return S.sampling_sigmas(ac, n, kind.split("_")[-1])
     betas = S.linear_betas(T) if kind == "linear" else S.cosine_betas(T)
-    return S.get_sigmas(S.alphas_cumprod_from_betas(betas), n, spacing="leading")
+    return S.sampling_sigmas(S.alphas_cumprod_from_betas(betas), n, "leading")
 
 
 KINDS = ["linear", "cosine", "zero_snr_trailing", "zero_snr_leading", "cosine_karras"]

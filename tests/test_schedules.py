@@ -240,13 +240,13 @@ def test_sigma_to_t_clamps_and_handles_inf():
     assert S.sigma_to_t(torch.tensor([1e12, INF]), ab).tolist() == [999.0, 999.0]
 
 
-# ----------------------------------------------------------------------------- get_sigmas
-def test_get_sigmas_plain_and_karras():
+# ----------------------------------------------------------------------------- sampling_sigmas
+def test_sampling_sigmas_plain_and_karras():
     abz = S.alphas_cumprod_from_betas(S.rescale_zero_terminal_snr(S.scaled_linear_betas()))
-    plain = S.get_sigmas(abz, 10, spacing="trailing")
+    plain = S.sampling_sigmas(abz, 10, "trailing")
     assert torch.equal(plain, S.sigmas_for_timesteps(abz, S.timesteps(1000, 10, "trailing")))
     assert plain[0].item() == INF and plain[-1].item() == 0.0
-    k = S.get_sigmas(abz, 10, karras=True)
+    k = S.sampling_sigmas(abz, 10, "karras", sigma_max=math.inf)
     finite = S.sigmas_from_alphas_cumprod(abz)[:-1]
     assert k.shape == (11,) and k[-1] == 0.0
     assert k[0].item() == pytest.approx(finite.max().item(), rel=1e-12)
@@ -269,9 +269,19 @@ def test_sampling_sigmas_karras_caps_sigma_max_at_edm_80():
 
 
 @pytest.mark.parametrize("spacing", S.SPACINGS)
-def test_sampling_sigmas_spacings_match_get_sigmas(spacing):
+def test_sampling_sigmas_spacings_are_the_table_at_timesteps(spacing):
     ab = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
-    assert torch.equal(S.sampling_sigmas(ab, 7, spacing), S.get_sigmas(ab, 7, spacing=spacing))
+    want = S.sigmas_for_timesteps(ab, S.timesteps(1000, 7, spacing))
+    assert torch.equal(S.sampling_sigmas(ab, 7, spacing), want)
+
+
+def test_sampling_sigmas_default_is_trailing_and_karras_is_capped():
+    ab = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
+    assert torch.equal(S.sampling_sigmas(ab, 10), S.sampling_sigmas(ab, 10, "trailing"))
+    assert S.sampling_sigmas(ab, 10)[0] == S.sigmas_from_alphas_cumprod(ab)[-1]  # starts at t = T - 1
+    assert S.sampling_sigmas(ab, 10, "karras")[0].item() == pytest.approx(S.EDM_SIGMA_MAX)
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        S.sampling_sigmas(ab, 10, "karas")
 
 
 def test_sampling_sigmas_unknown_spacing_names_the_choices():

@@ -1,8 +1,8 @@
-"""Tests for minidiff.shapes: determinism, caption grammar, geometric truth of relations."""
+"""Tests for minidiff.data.shapes: determinism, caption grammar, geometric truth of relations."""
 import pytest
 import torch
 
-from minidiff import shapes as S
+from minidiff.data import shapes as S
 
 
 def test_item_is_deterministic_in_seed_and_index():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from minidiff.models.unet import unet_from_preset
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training import EMA, TrainConfig, make_optimizer, train, train_step
-from minidiff.unet import unet_from_preset
 
 SMALL_UNET = dict(base_channels=8, channel_mults=(1, 2), num_groups=4, attn_levels=())
 REPO = Path(__file__).resolve().parents[1]

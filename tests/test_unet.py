@@ -1,8 +1,9 @@
-"""Tests of minidiff.unet: shapes at every size and condition, conditioning semantics, gradients, errors, presets."""
+"""Tests of minidiff.models.unet: shapes at every size and condition, conditioning semantics, gradients, errors, presets."""
 import pytest
 import torch
 
-from minidiff.unet import PRESETS, UNet, UNetConfig, unet_from_preset
+from minidiff.models import unet as unet_module
+from minidiff.models.unet import PRESETS, UNet, UNetConfig, unet_from_preset
 
 # A small config with 3 levels and attention at the two lowest, cheap enough for every test.
 SMALL = dict(in_channels=2, out_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
@@ -172,7 +173,7 @@ def test_unknown_preset_lists_presets():
 def test_preset_parameter_counts_in_documented_range(name, low, high):
     n = sum(p.numel() for p in UNet(PRESETS[name]).parameters())
     assert low <= n <= high
-    assert f"{n:,}" in __import__("minidiff.unet").unet.__doc__  # the docstring table states the measured count
+    assert f"{n:,}" in unet_module.__doc__  # the docstring table states the measured count
 
 
 def test_preset_overrides():

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import guidance, schedules
-from ..utils import append_dims
-from . import Mismatch, call, expect, task
+from minidiff import guidance, schedules
+from minidiff.course.checks import Mismatch, call, expect, task
+from minidiff.utils import append_dims
 
 F64 = torch.float64
 NUM_CLASSES = 3
-NULL = NUM_CLASSES  # the null ("unconditional") class id, as in minidiff.unet
+NULL = NUM_CLASSES  # the null ("unconditional") class id, as in minidiff.models.unet
 
 
 class _ClassDenoiser:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .utils import smoke_mode
+from minidiff.utils import smoke_mode
 
 __all__ = [
     "DATASETS", "SPLITS", "CLASS_NAMES", "TEMPLATES", "DEBIAN_FASHION_MNIST_DIR",
@@ -97,7 +97,7 @@ def clear_cache() -> None:
 def _check_args(name: str, split: str) -> None:
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r} "
-                         "(the procedural 'shapes' dataset is minidiff.shapes.ShapesDataset)")
+                         "(the procedural 'shapes' dataset is minidiff.data.shapes.ShapesDataset)")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
@@ -225,7 +225,7 @@ STAND_IN_SIZE = 512
 
 def _stand_in(name: str, split: str, root: Path) -> ImageDataset:
     """Smoke-mode substitute: one-object shapes images, label = 2 * shape + size (10 classes), loudly announced."""
-    from .shapes import make_shapes
+    from minidiff.data.shapes import make_shapes
 
     side, channels = (32, 3) if name == "cifar10" else (28, 1)
     seed = {"train": 0, "test": 1}[split]

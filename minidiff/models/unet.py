@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import AttentionBlock, Downsample, ResBlock, Upsample, timestep_embedding
+from minidiff.models.attention import AttentionBlock
+from minidiff.models.layers import Downsample, ResBlock, Upsample, timestep_embedding
 
 __all__ = ["UNetConfig", "UNet", "PRESETS", "unet_from_preset"]
 

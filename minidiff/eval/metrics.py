@@ -1,6 +1,6 @@
 """Sample-quality metrics on feature vectors: FID, KID, precision/recall, class accuracy, prompt adherence.
 
-All distribution metrics take features ``(N, d)`` (from ``minidiff.evaluators``: the shipped classifier's
+All distribution metrics take features ``(N, d)`` (from ``minidiff.eval.classifiers``: the shipped classifier's
 penultimate layer) and compute in float64 on the CPU. Notation:
 
 | symbol          | code        | meaning                                                   |
@@ -174,7 +174,7 @@ def prompt_adherence(classifier, images: torch.Tensor, attrs: torch.Tensor, *, b
     Binomial proportions (standard error about 1.5 points at N = 1000 and p = 0.8); bounded above by the
     classifier's own accuracy on real images (see its model card), which the rates should be read against.
     """
-    from .evaluators import attrs_to_targets
+    from minidiff.eval.classifiers import attrs_to_targets
     targets = attrs_to_targets(attrs, classifier.config.heads)
     if targets.shape[0] != images.shape[0]:
         raise ValueError(f"attrs must have one row per image, got {targets.shape[0]} rows for {images.shape[0]} images")

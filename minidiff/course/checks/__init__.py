@@ -32,7 +32,7 @@ __all__ = ["CheckResult", "Task", "TASKS", "task", "check", "run_task", "regrade
            "Mismatch", "call", "expect", "extra_noise", "library_step", "LOG_ENV"]
 
 LOG_ENV = "MINIDIFF_GRADE_LOG"
-_LIBRARY_DIRS = (str(Path(__file__).resolve().parent.parent), str(Path(torch.__file__).resolve().parent))
+_LIBRARY_DIRS = (str(Path(__file__).resolve().parents[2]), str(Path(torch.__file__).resolve().parent))
 
 
 @dataclass
@@ -308,4 +308,4 @@ def regrade(namespace: dict, names, *, log_path: str, nonce: str, time_limit: fl
     return results
 
 
-from . import a1_forward, a2_ddpm, a3_samplers, a4_guidance  # noqa: E402,F401  (registers the tasks)
+from minidiff.course.checks import a1_forward, a2_ddpm, a3_samplers, a4_guidance  # noqa: E402,F401  (registers the tasks)

@@ -1,6 +1,6 @@
 """Checks for assignment A2, DDPM: the eps-prediction training loss and one ancestral sampling step.
 
-References: minidiff.parameterization.diffusion_loss and minidiff.samplers.sample_ddpm (variance="fixed_small"),
+References: minidiff.losses.diffusion_loss and minidiff.samplers.sample_ddpm (variance="fixed_small"),
 run for one step with ``library_step``. Wrong variants are written out on purpose, to name a mistake.
 """
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import forward, parameterization, samplers, schedules
-from . import Mismatch, call, expect, extra_noise, library_step, task
+from minidiff import denoiser as denoiser_mod
+from minidiff import forward, losses, samplers, schedules
+from minidiff.course.checks import Mismatch, call, expect, extra_noise, library_step, task
 
 F64 = torch.float64
 
@@ -46,7 +47,7 @@ def _loss_cases(g: torch.Generator):
     yield "float64 batch", case((2, 1, 6, 6), [50, 950], lin, F64)
 
 
-@task("A2.ddpm_loss", func="ddpm_loss", points=3, references=("minidiff.parameterization.diffusion_loss",))
+@task("A2.ddpm_loss", func="ddpm_loss", points=3, references=("minidiff.losses.diffusion_loss",))
 def check_ddpm_loss(student) -> str:
     n = 0
     for case, (net, x0, t, noise, ab) in _loss_cases(torch.Generator().manual_seed(2)):
@@ -56,7 +57,7 @@ def check_ddpm_loss(student) -> str:
             raise Mismatch(f"returns a Python float (.item()?): return the loss tensor so that loss.backward() "
                            f"can train the net [case: {case}]")
         with torch.no_grad():
-            want = parameterization.diffusion_loss(net, x0, ab, "eps", t=t, noise=noise)
+            want = losses.diffusion_loss(net, x0, ab, "eps", t=t, noise=noise)
             x_t = forward.q_sample(x0, t, noise, ab)
             a = ab[t].to(x0).reshape(-1, 1, 1, 1)
             x_t_no_sqrt = a * x0 + (1 - a) * noise
@@ -84,7 +85,7 @@ def check_ddpm_loss(student) -> str:
         if not got.requires_grad:
             raise Mismatch(f"returns a loss without a gradient (torch.no_grad(), .detach() or .item()?): "
                            f"loss.backward() could not train the net [case: {case}]")
-    return f"matches minidiff.parameterization.diffusion_loss (eps) on {n} cases, with gradients"
+    return f"matches minidiff.losses.diffusion_loss (eps) on {n} cases, with gradients"
 
 
 # ----------------------------------------------------------------------------- one ancestral step
@@ -124,7 +125,7 @@ def check_ddpm_step(student) -> str:
         got = call(student, x, t, eps_hat, betas, z)
 
         def denoiser(x_in, s):  # the x0_hat that eps_hat implies (the sampler's contract)
-            return parameterization.x0_from_eps(x_in.double(), eps_hat.double(), s.double()).to(x_in.dtype)
+            return denoiser_mod.x0_from_eps(x_in.double(), eps_hat.double(), s.double()).to(x_in.dtype)
         want = library_step(samplers.sample_ddpm, denoiser, x, sigma, sigma_prev, variance="fixed_small",
                             generator=torch.Generator().manual_seed(100 + n))
         last = "adds noise at the last step (t = 0): x_0 is the posterior mean, with no noise"

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .. import forward, schedules
-from . import call, expect, task
+from minidiff import forward, schedules
+from minidiff.course.checks import call, expect, task
 
 F64 = torch.float64
 DTYPE_TABLE = "Schedule tables are float64: create them with dtype=torch.float64."

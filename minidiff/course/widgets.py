@@ -19,11 +19,13 @@ import time
 import torch
 from matplotlib.figure import Figure
 
-from . import plotting, schedules
-from .forward import q_sample
-from .guidance import CFGDenoiser
-from .samplers import SAMPLERS, get_sampler
-from .utils import get_device
+from minidiff import schedules
+from minidiff.course import plotting
+from minidiff.denoiser import NFECounter, num_classes_of
+from minidiff.forward import q_sample
+from minidiff.guidance import CFGDenoiser
+from minidiff.samplers import SAMPLERS, get_sampler
+from minidiff.utils import get_device, randn
 
 __all__ = [
     "SCHEDULE_CHOICES", "SPACING_CHOICES", "schedule_alphas_cumprod", "pretrained_denoiser",
@@ -56,14 +58,9 @@ def schedule_alphas_cumprod(schedule: str, T: int = 1000, beta_range=(1e-4, 0.02
 @functools.lru_cache(maxsize=4)
 def pretrained_denoiser(name: str = "fashion-mnist-cond"):
     """The shipped model ``name`` on ``get_device()``, in eval mode, loaded once per session."""
-    from . import pretrained  # imported here: the schedule explorer needs no checkpoint
+    from minidiff import pretrained  # imported here: the schedule explorer needs no checkpoint
 
     return pretrained.load(name, device=get_device()).eval()
-
-
-def _num_classes(denoiser) -> int | None:
-    config = getattr(getattr(denoiser, "net", None), "config", None)
-    return getattr(config, "num_classes", None)
 
 
 def _image_shape(denoiser, image_size: int) -> tuple[int, int, int]:
@@ -78,28 +75,19 @@ def _model_device(denoiser) -> torch.device:
 
 def _run_sampler(denoiser, sampler: str, sigmas, shape, seed: int, extra_args: dict, options: dict):
     """Sample from N(0, I) drawn by a CPU generator (same seed, same picture on every device); count NFE."""
-    fn = get_sampler(sampler)
-    nfe = 0
-
-    def counted(x, sigma, **cond):
-        nonlocal nfe
-        nfe += 1
-        return denoiser(x, sigma, **cond)
-
+    fn, counted = get_sampler(sampler), NFECounter(denoiser)
     g = torch.Generator().manual_seed(seed)
-    device = _model_device(denoiser)
-    x = torch.randn(shape, generator=g).to(device)
+    x = randn(shape, generator=g, device=_model_device(denoiser))
     start = time.perf_counter()
-    with torch.no_grad():
-        out = fn(counted, x, sigmas, extra_args=extra_args, generator=g, **options)
-    return out, nfe, time.perf_counter() - start
+    out = fn(counted, x, sigmas, extra_args=extra_args, generator=g, **options)
+    return out, counted.calls, time.perf_counter() - start
 
 
 def _class_labels(denoiser, labels, n: int, device) -> dict:
-    if _num_classes(denoiser) is None:
+    if num_classes_of(denoiser) is None:
         return {}
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).expand(n) if labels is not None \
-        else torch.arange(n) % _num_classes(denoiser)
+        else torch.arange(n) % num_classes_of(denoiser)
     return {"class_labels": labels.to(device)}
 
 
@@ -128,7 +116,7 @@ def schedule_explorer(images: torch.Tensor | None = None, *, seed: int = 0):
     import ipywidgets as W
 
     if images is None:
-        from .data import load_dataset
+        from minidiff.data.datasets import load_dataset
 
         images = load_dataset("fashion-mnist", "test").images[:4]
     images = plotting._check_images("images", images)
@@ -190,7 +178,7 @@ def guidance_view(denoiser, class_label: int = 0, guidance_scale: float = 3.0, g
                   steps: int = 20, seed: int = 0, *, sampler: str = "dpmpp_2m", spacing: str = "trailing",
                   n_images: int = 8, image_size: int = 28, class_names=None) -> Figure:
     """``n_images`` samples of one class with classifier-free guidance (``CFGDenoiser``, null class as uncond)."""
-    num_classes = _num_classes(denoiser)
+    num_classes = num_classes_of(denoiser)
     if num_classes is None:
         raise ValueError("guidance_view needs a class-conditional denoiser (denoiser.net.config.num_classes is None)")
     if not 0 <= class_label < num_classes:
@@ -215,11 +203,11 @@ def guidance_explorer(denoiser=None, *, class_names=None, n_images: int = 8, ima
     import ipywidgets as W
 
     if denoiser is None:
-        from .data import CLASS_NAMES
+        from minidiff.data.datasets import CLASS_NAMES
 
         denoiser = pretrained_denoiser()
         class_names = CLASS_NAMES["fashion-mnist"] if class_names is None else class_names
-    num_classes = _num_classes(denoiser)
+    num_classes = num_classes_of(denoiser)
     if num_classes is None:
         raise ValueError("guidance_explorer needs a class-conditional denoiser (denoiser.net.config.num_classes is None)")
     names = class_names if class_names is not None else [f"class {k}" for k in range(num_classes)]

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .. import samplers, schedules, toy
-from . import Mismatch, call, expect, extra_noise, library_step, task
+from minidiff import samplers, schedules, toy
+from minidiff.course.checks import Mismatch, call, expect, extra_noise, library_step, task
 
 F64 = torch.float64
 INF = math.inf

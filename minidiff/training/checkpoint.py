@@ -13,69 +13,18 @@ Tensor keys are prefixed by what they belong to (``model.``, ``ema.``, ``optim.<
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+
+from minidiff.files import CheckpointError, atomic_write_bytes, read_metadata, read_safetensors, write_safetensors
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
-           "save_model", "load_model", "read_safetensors", "read_metadata", "atomic_write_bytes"]
+           "save_model", "load_model", "read_metadata", "TRAIN_FORMAT", "MODEL_FORMAT"]
 
 TRAIN_FORMAT = "minidiff-checkpoint-v1"
 MODEL_FORMAT = "minidiff-model-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is corrupted, truncated, or not a minidiff file."""
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_safetensors(path, *, expect_format: str | None = None) -> tuple[dict, dict]:
-    """Read all tensors and the metadata of a safetensors file, with a clear error if it is damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is corrupted or truncated (not a readable safetensors file): {e}") from e
-    if expect_format is not None and metadata.get("format") != expect_format:
-        raise CheckpointError(f"{path} is not a {expect_format} file (format={metadata.get('format')!r})")
-    return tensors, metadata
-
-
-def read_metadata(path) -> dict:
-    """The metadata of a safetensors file (reads only the header), with the same errors as ``read_safetensors``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is corrupted or truncated (not a readable safetensors file): {e}") from e
 
 
 def _prefixed(prefix: str, tensors: dict) -> dict:
@@ -138,7 +87,7 @@ def save_checkpoint(path, *, model, step: int, ema=None, optimizer=None, schedul
         metadata["scheduler"] = json.dumps(scheduler.state_dict())
     tensors.update(_rng_tensors(generators))
     tensors.update(_prefixed("extra.", extra_tensors or {}))
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
     return Path(path)
 
 
@@ -181,7 +130,7 @@ def checkpoint_config(path) -> dict:
 def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float32, card: dict | None = None) -> Path:
     """Save an inference-only model: the net's weights, ``alphas_cumprod`` and the spec to rebuild a Denoiser.
 
-    ``denoiser`` is a ``minidiff.parameterization.Denoiser`` wrapping a ``UNet``; ``card`` (optional) is
+    ``denoiser`` is a ``minidiff.denoiser.Denoiser`` wrapping a ``UNet``; ``card`` (optional) is
     written beside it as ``<path without suffix>.json``.
     """
     net = denoiser.net
@@ -190,7 +139,7 @@ def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float
     tensors["alphas_cumprod"] = denoiser.alphas_cumprod.detach().to("cpu", torch.float64).contiguous()
     spec = {"unet": asdict(net.config), "prediction": denoiser.prediction, "schedule": schedule}
     metadata = {"format": MODEL_FORMAT, "spec": json.dumps(spec)}
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
     if card is not None:
         atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
     return Path(path)
@@ -198,8 +147,8 @@ def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float
 
 def load_model(path, *, device=None, clip_x0: bool = False):
     """Rebuild the ``Denoiser`` saved by ``save_model`` (weights cast to float32, eval mode; see Denoiser for clip_x0)."""
-    from .parameterization import Denoiser
-    from .unet import UNet, UNetConfig
+    from minidiff.denoiser import Denoiser
+    from minidiff.models.unet import UNet, UNetConfig
 
     tensors, metadata = read_safetensors(path, expect_format=MODEL_FORMAT)
     spec = json.loads(metadata["spec"])

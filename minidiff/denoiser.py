@@ -1,4 +1,4 @@
-"""The one denoiser contract, conversions between eps / x0 / v, and the training loss for each.
+"""The one denoiser contract, the table of parameterizations (eps / x0 / v), and conversions between them.
 
 Contract (docs/DESIGN.md): ``denoiser(x, sigma, **cond) -> x0_hat`` where ``x`` is the VP state
 x_t = a x_0 + b eps and ``sigma`` (B,) the VE noise level, with (a, b) = vp_coefficients(sigma).
@@ -11,30 +11,72 @@ x_t = a x_0 + b eps and ``sigma`` (B,) the VE noise level, with (a, b) = vp_coef
 | x0_hat                       | ``x0``         | predicted clean data                                          |
 | v = a eps - b x_0            | ``v``          | velocity (Salimans & Ho 2022, Sec. 4)                         |
 | SNR = a^2 / b^2              | ``snr``        | signal-to-noise ratio 1 / sigma^2                             |
+| F                            | ``out``        | the raw network output                                        |
+| c_skip, c_out                | ``c_skip, c_out`` | x0_hat = c_skip x_t + c_out F (Karras et al. 2022, Eq. 7)  |
+
+Every parameterization is one row of ``PARAMETERIZATIONS``: its (c_skip, c_out) and its regression target.
+The Denoiser, the loss (``minidiff.losses``) and min-SNR weighting all read the table; none branches on the name.
+Training on the target makes x0_hat = c_skip x_t + c_out F exact: target = (x0 - c_skip x_t) / c_out.
+
+Training losses live in ``minidiff.losses``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .forward import check_sigma, q_sample
-from .schedules import sigma_to_t, sigmas_from_alphas_cumprod, snr, vp_coefficients
-from .utils import append_dims
+from minidiff.forward import check_sigma
+from minidiff.schedules import sigma_to_t, sigmas_from_alphas_cumprod, vp_coefficients
+from minidiff.utils import append_dims
 
 __all__ = [
-    "PREDICTIONS", "eps_from_x0", "x0_from_eps", "x0_from_v", "v_from_x0_eps", "eps_from_v",
-    "Denoiser", "training_target", "diffusion_loss", "min_snr_weights",
+    "Parameterization", "PARAMETERIZATIONS", "PREDICTIONS", "get_parameterization",
+    "eps_from_x0", "x0_from_eps", "x0_from_v", "v_from_x0_eps", "eps_from_v", "Denoiser", "NFECounter",
+    "num_classes_of",
 ]
-
-PREDICTIONS = ("eps", "x0", "v")
 
 _EPS_AT_ZERO_SNR = ("eps-prediction is undefined at zero SNR (sigma = inf, alpha_bar = 0): x0 = (x - b eps) / a "
                     "divides by a = 0. Use prediction='v' with zero-terminal-SNR schedules (Lin et al. 2023, Sec. 3.2)")
 
 
-def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
+@dataclass(frozen=True)
+class Parameterization:
+    """What a network predicts, as two functions of (a, b) = vp_coefficients(sigma) (EDM's preconditioning).
+
+    ``coefficients(a, b) -> (c_skip, c_out)`` with x0_hat = c_skip x_t + c_out F, and
+    ``target(x0, eps, a, b)``, the regression target of F.
+    """
+
+    name: str
+    coefficients: Callable
+    target: Callable
+    zero_snr_ok: bool  # False where c_skip = 1 / a is infinite at sigma = inf
+
+
+# One row per parameterization; x_t = a x0 + b eps.
+PARAMETERIZATIONS = {
+    # eps: x0 = (x_t - b eps) / a (Ho et al. 2020, Eq. 15)
+    "eps": Parameterization("eps", lambda a, b: (1 / a, -b / a), lambda x0, eps, a, b: eps, zero_snr_ok=False),
+    # x0: the net predicts the clean image directly
+    "x0": Parameterization("x0", lambda a, b: (0 * a, 1 + 0 * a), lambda x0, eps, a, b: x0, zero_snr_ok=True),
+    # v = a eps - b x0, x0 = a x_t - b v (Salimans & Ho 2022, Sec. 4)
+    "v": Parameterization("v", lambda a, b: (a, -b), lambda x0, eps, a, b: a * eps - b * x0, zero_snr_ok=True),
+}
+PREDICTIONS = tuple(PARAMETERIZATIONS)
+
+
+def get_parameterization(prediction: str) -> Parameterization:
+    """The row of ``PARAMETERIZATIONS`` called ``prediction``; a clear error for an unknown name."""
+    if prediction not in PARAMETERIZATIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    return PARAMETERIZATIONS[prediction]
+
+
+def _check_prediction(prediction: str) -> None:
+    get_parameterization(prediction)
 
 
 def _coeffs(x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +135,39 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, prediction: str = "eps", *,
-                 clip_x0: bool = False):
+                 clip_x0: bool = False, image_shape: tuple | None = None):
         super().__init__()
-        _check_prediction(prediction)
+        self.parameterization = get_parameterization(prediction)
         self.net = net
         self.prediction = prediction
         self.clip_x0 = bool(clip_x0)
+        self.image_shape = tuple(image_shape) if image_shape is not None else None  # (C, H, W) of one sample
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = sigmas.min().item(), sigmas.max().item()  # sigma_max = inf at zero SNR
+
+    @property
+    def num_classes(self) -> int | None:
+        """K for a class-conditional net (its null class has id K), else None."""
+        return getattr(getattr(self.net, "config", None), "num_classes", None)
+
+    @property
+    def context_dim(self) -> int | None:
+        """D of the context sequence (B, L, D) a text-conditioned net cross-attends to, else None."""
+        return getattr(getattr(self.net, "config", None), "context_dim", None)
+
+    def null_condition(self, batch_size: int, device=None) -> dict:
+        """The unconditional branch for CFG: ``{"class_labels": K * ones(B)}`` for a class-conditional net.
+
+        A text model's null condition is the encoded empty prompt, which only its text encoder can build
+        (the text-to-image pipeline does that); an unconditional net has none.
+        """
+        if self.num_classes is not None:
+            return {"class_labels": torch.full((batch_size,), self.num_classes, dtype=torch.int64, device=device)}
+        if self.context_dim is not None:
+            raise ValueError("null_condition: this net is conditioned on a context sequence; its null condition is "
+                             "the empty prompt encoded by its text encoder (use the text-to-image pipeline)")
+        raise ValueError("null_condition: this net is unconditional, so it has no null condition (and needs no CFG)")
 
     def predict(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """The raw network output (eps, x0 or v) at noise level sigma (B,)."""
@@ -112,75 +178,32 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """x0_hat = D(x, sigma, **cond), converted from the net's parameterization."""
         sigma = check_sigma(x, sigma)
-        if self.prediction == "eps" and torch.isinf(sigma).any():
+        if not self.parameterization.zero_snr_ok and torch.isinf(sigma).any():
             raise ValueError(_EPS_AT_ZERO_SNR)
         out = self.predict(x, sigma, **cond)
         if out.shape != x.shape:
             raise ValueError(f"net output must have the shape of x {tuple(x.shape)}, got {tuple(out.shape)}")
-        if self.prediction == "x0":
-            x0_hat = out
-        elif self.prediction == "eps":
-            x0_hat = x0_from_eps(x, out, sigma)
-        else:
-            x0_hat = x0_from_v(x, out, sigma)
+        c_skip, c_out = self.parameterization.coefficients(*_coeffs(x, sigma))
+        x0_hat = c_skip * x + c_out * out
         return x0_hat.clamp(-1, 1) if self.clip_x0 else x0_hat
 
 
-# ----------------------------------------------------------------------------- training
-def training_target(x0: torch.Tensor, eps: torch.Tensor, sigma, prediction: str) -> torch.Tensor:
-    """Regression target for the net: eps (Ho et al. 2020, Eq. 14), x0, or v (Salimans & Ho 2022)."""
-    _check_prediction(prediction)
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    return v_from_x0_eps(x0, eps, sigma)
+def num_classes_of(denoiser) -> int | None:
+    """K of a class-conditional denoiser (a ``Denoiser`` or anything exposing ``num_classes``), else None."""
+    return getattr(denoiser, "num_classes", None)
 
 
-def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"), per sample.
+class NFECounter(nn.Module):
+    """A pass-through denoiser that counts its calls: the number of function evaluations (NFE) of a sampler run."""
 
-    Each weight turns its parameterization's MSE into min(SNR, gamma) * ||x0 - x0_hat||^2:
-    eps: min(SNR, gamma) / SNR;   x0: min(SNR, gamma);   v: min(SNR, gamma) / (SNR + 1).
-    """
-    _check_prediction(prediction)
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0 (Hang et al. use 5), got {gamma}")
-    clipped = snr_t.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr_t
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr_t + 1)
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser, self.calls = denoiser, 0
 
+    @property
+    def num_classes(self) -> int | None:
+        return num_classes_of(self.denoiser)
 
-def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps", *,
-                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                   **cond) -> torch.Tensor:
-    """Scalar MSE between net(x_t, t, **cond) and the target of ``prediction`` (DDPM L_simple, Ho et al. 2020, Eq. 14).
-
-    t ~ U{0..T-1} and eps ~ N(0, I) are drawn from ``generator`` unless given; ``min_snr_gamma`` adds per-sample
-    weights (see ``min_snr_weights``). The net receives t as a float (B,) tensor.
-    """
-    _check_prediction(prediction)
-    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-    if prediction == "eps" and ab[-1] == 0:
-        raise ValueError(f"prediction='eps' with a zero-terminal-SNR schedule: {_EPS_AT_ZERO_SNR}")
-    B, T = x0.shape[0], len(ab)
-    device = generator.device if generator is not None else x0.device
-    if t is None:
-        t = torch.randint(0, T, (B,), generator=generator, device=device).to(x0.device)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
-    x_t = q_sample(x0, t, noise, ab)
-    sigma = sigmas_from_alphas_cumprod(ab)[t.cpu()].to(x0)  # (B,)
-    out = net(x_t, t.to(x0.dtype), **cond)
-    target = training_target(x0, noise, sigma, prediction)
-    if out.shape != target.shape:
-        raise ValueError(f"net output must have the shape of x0 {tuple(x0.shape)}, got {tuple(out.shape)}")
-    per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)  # (B,)
-    if min_snr_gamma is not None:
-        weights = min_snr_weights(snr(ab)[t.cpu()], min_snr_gamma, prediction)
-        per_sample = per_sample * weights.to(per_sample)
-    return per_sample.mean()
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        self.calls += 1
+        return self.denoiser(x, sigma, **cond)

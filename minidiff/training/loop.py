@@ -1,21 +1,7 @@
-"""Training pieces a diffusion loop is written from, and a short ``train()`` loop built from them.
+"""The training loop behind ``python -m minidiff.train``: config, setup, resume, samples, checkpoints.
 
-The loop a student reads (``train()`` below is this, plus logging, samples and checkpoints)::
-
-    optimizer, scheduler = make_optimizer(net, lr=2e-3, warmup_steps=200)
-    ema = EMA(net, decay=0.999)
-    for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=data_gen)
-        out = train_step(net, images[idx], alphas_cumprod=alphas_cumprod, prediction="eps",
-                         optimizer=optimizer, scheduler=scheduler, class_labels=labels[idx],
-                         p_uncond=0.1, null_id=10, generator=noise_gen, step=step)
-        ema.update(net)
-
-| name            | meaning                                                                  |
-|-----------------|--------------------------------------------------------------------------|
-| ``p_uncond``    | probability a label is replaced by the null class (Ho & Salimans 2022)  |
-| ``null_id``     | id of the learned null class (``num_classes`` of the UNet)               |
-| ``decay``       | EMA decay beta: ``shadow <- beta * shadow + (1 - beta) * theta``        |
+It is the loop of ``minidiff.training.steps`` (which a student reads in one screen) plus what a long run needs:
+a validation loss at fixed (t, noise), a sample grid and a checkpoint every N steps, bit-exact resume.
 """
 from __future__ import annotations
 
@@ -27,108 +13,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
-from .utils import get_device
+from minidiff.data.datasets import load_dataset
+from minidiff.denoiser import PREDICTIONS, Denoiser
+from minidiff.files import hardware_info
+from minidiff.guidance import CFGDenoiser
+from minidiff.models.unet import unet_from_preset
+from minidiff.samplers import sample
+from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
+from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from minidiff.training.steps import EMA, make_optimizer, train_step
+from minidiff.utils import get_device
 
-__all__ = ["EMA", "make_optimizer", "train_step", "TrainConfig", "train"]
-
-
-class EMA:
-    """Exponential moving average of a model's parameters and float buffers (Polyak averaging).
-
-    With ``warmup=True`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so early
-    averages are not dominated by the random initialisation (as in TensorFlow's ExponentialMovingAverage).
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = True):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup, self.step = float(decay), bool(warmup), 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def current_decay(self) -> float:
-        """The decay the next ``update`` will use."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.step) / (10 + self.step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """shadow <- d * shadow + (1 - d) * theta for float entries; other buffers are copied."""
-        d = self.current_decay()
-        for name, value in model.state_dict().items():
-            s = self.shadow[name]
-            if s.dtype.is_floating_point:
-                s.mul_(d).add_(value.detach(), alpha=1 - d)
-            else:
-                s.copy_(value)
-        self.step += 1
-
-    def copy_to(self, model: nn.Module) -> nn.Module:
-        """Load the averaged weights into ``model`` (e.g. a deep copy used for sampling); returns it."""
-        model.load_state_dict(self.shadow)
-        return model
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "step": self.step, "shadow": dict(self.shadow)}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = set(self.shadow) ^ set(state["shadow"])
-        if missing:
-            raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:5]}")
-        self.decay, self.warmup, self.step = float(state["decay"]), bool(state["warmup"]), int(state["step"])
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
-
-
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                   betas=(0.9, 0.999)):
-    """AdamW (Loshchilov & Hutter 2019) and a LambdaLR that warms the learning rate up linearly, then holds it."""
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-    return optimizer, scheduler
-
-
-def _check_finite_step(value: torch.Tensor, what: str, step, optimizer) -> None:
-    if not torch.isfinite(value):
-        at = f" at step {step}" if step is not None else ""
-        lr = optimizer.param_groups[0]["lr"]
-        raise FloatingPointError(
-            f"{what} became {value.item()}{at}: lower the learning rate (lr={lr:g}), keep gradient clipping on "
-            "(max_grad_norm), or check the data for NaN/inf; resume from the last good checkpoint")
-
-
-def train_step(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor, prediction: str, optimizer,
-               scheduler=None, class_labels=None, p_uncond: float = 0.0, null_id: int | None = None,
-               min_snr_gamma: float | None = None, max_grad_norm: float | None = 1.0, generator=None,
-               autocast_dtype=None, step: int | None = None) -> dict:
-    """One optimisation step on the denoising loss (Ho et al. 2020, Alg. 1) -> {"loss", "grad_norm"}."""
-    from .guidance import condition_dropout
-    from .parameterization import diffusion_loss
-
-    cond = {}
-    if class_labels is not None:
-        if p_uncond > 0:
-            class_labels = condition_dropout(class_labels, p_uncond, null_id, generator=generator)
-        cond["class_labels"] = class_labels
-    net.train()
-    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = diffusion_loss(net, x0, alphas_cumprod, prediction, generator=generator,
-                              min_snr_gamma=min_snr_gamma, **cond)
-    _check_finite_step(loss.detach(), "loss", step, optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or float("inf"))
-    _check_finite_step(grad_norm.detach(), "gradient norm", step, optimizer)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+__all__ = ["TrainConfig", "train", "build_model", "make_alphas_cumprod", "sample_grid"]
 
 
 @dataclass
@@ -162,8 +61,6 @@ class TrainConfig:
     RESUMABLE = ("steps", "sample_every", "ckpt_every", "sampler", "sample_steps", "sample_guidance")
 
     def __post_init__(self):
-        from .parameterization import PREDICTIONS
-
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps"):
@@ -177,8 +74,6 @@ class TrainConfig:
 
 def build_model(config: TrainConfig, channels: int, num_classes: int):
     """The UNet and the alphas_cumprod table a config describes."""
-    from .unet import unet_from_preset
-
     net = unet_from_preset(config.preset, **{"in_channels": channels, "out_channels": channels,
                                             "num_classes": num_classes if config.conditional else None,
                                             **config.unet})
@@ -187,21 +82,12 @@ def build_model(config: TrainConfig, channels: int, num_classes: int):
 
 def make_alphas_cumprod(config: TrainConfig) -> torch.Tensor:
     """The float64 alpha_bar table of ``config.schedule`` with ``config.T`` steps."""
-    from .schedules import alphas_cumprod_from_betas, make_betas
-
     return alphas_cumprod_from_betas(make_betas(config.schedule, config.T))
 
 
 @torch.no_grad()
 def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, image_shape, n_per_class: int = 8):
     """Save a PNG grid sampled from ``net`` with a fixed seed (one row per class when conditional)."""
-    from torchvision.utils import save_image
-
-    from .guidance import CFGDenoiser
-    from .parameterization import Denoiser
-    from .samplers import sample
-    from .schedules import get_sigmas
-
     device = next(net.parameters()).device
     c = net.config
     denoiser, extra = Denoiser(net, alphas_cumprod, config.prediction), None
@@ -211,22 +97,11 @@ def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, im
         n, extra = len(labels), {"class_labels": labels}
         denoiser = CFGDenoiser(denoiser, config.sample_guidance,
                                uncond={"class_labels": torch.full_like(labels, c.num_classes)})
-    x = sample(denoiser, (n, *image_shape), get_sigmas(alphas_cumprod, config.sample_steps),
+    x = sample(denoiser, (n, *image_shape), sampling_sigmas(alphas_cumprod, config.sample_steps),
                sampler=config.sampler, generator=torch.Generator(device).manual_seed(config.seed),
                device=device, extra_args=extra)
     save_image((x.float().cpu() + 1) / 2, path, nrow=n_per_class, padding=1)
     return x
-
-
-def hardware_info(device: torch.device) -> dict:
-    """Where a run happened, for model cards: OS, CPU, threads, torch version and the accelerator if any."""
-    import platform
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _setup(config: TrainConfig, data, device: torch.device) -> dict:
@@ -246,8 +121,6 @@ def _setup(config: TrainConfig, data, device: torch.device) -> dict:
 
 def _resume(path: Path, config: TrainConfig, run: dict) -> None:
     """Load a checkpoint into ``run`` after checking it was trained with the same config."""
-    from .checkpoint import checkpoint_config, load_checkpoint
-
     saved = checkpoint_config(path)["train"]
     mine = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the saved JSON
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in config.RESUMABLE and saved.get(k) != v}
@@ -260,8 +133,6 @@ def _resume(path: Path, config: TrainConfig, run: dict) -> None:
 
 
 def _save(path: Path, config: TrainConfig, run: dict, step: int) -> None:
-    from .checkpoint import save_checkpoint
-
     run["sessions"][-1].update(end_step=step, wall_s=time.perf_counter() - run["t_start"])
     extra = {k: torch.tensor(v, dtype=torch.float64) for k, v in run["history"].items()}
     meta = {"train": asdict(config), "unet": asdict(run["net"].config), "sessions": run["sessions"]}
@@ -316,10 +187,6 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, da
     ``history["loss"][i]`` is the loss of step i. ``data`` (anything with ``.images``, ``.labels``,
     ``.class_names``) replaces ``load_dataset(config.dataset)``.
     """
-    from tqdm.auto import tqdm
-
-    from .data import load_dataset
-
     device = device if isinstance(device, torch.device) else get_device(device)
     data = data if data is not None else load_dataset(config.dataset)
     run = _start(config, data, device, Path(out_dir), resume, command)

@@ -1,23 +1,34 @@
 """Training the shipped evaluators: recipes, the training loop, calibration, model cards and the command line.
 
-``python -m minidiff.evaluators train --dataset fashion-mnist|shapes|mnist|cifar10`` (or ``calibrate``) runs
-``main`` below. The classifiers themselves, loading and feature extraction are in ``minidiff.evaluators``.
+``python -m minidiff.eval.classifier_training train --dataset fashion-mnist|shapes|mnist|cifar10`` (or ``calibrate``) runs
+``main`` below. The classifiers themselves, loading and feature extraction are in ``minidiff.eval.classifiers``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .evaluators import (CONFIGS, FORMAT, Classifier, _read_safetensors, _weights_path, build_classifier,
-                         classifier_loss, extract_features, file_sha256, head_accuracy, load_classifier,
-                         save_classifier, training_data)
+from minidiff.eval.classifiers import (
+    CONFIGS,
+    FORMAT,
+    Classifier,
+    _read_classifier_file,
+    _weights_path,
+    build_classifier,
+    classifier_loss,
+    extract_features,
+    file_sha256,
+    head_accuracy,
+    load_classifier,
+    save_classifier,
+    training_data,
+)
+from minidiff.files import hardware_info
 
 __all__ = ["train_classifier", "RECIPES", "calibrate_feature_scale", "write_model_card", "main"]
 
@@ -49,7 +60,7 @@ def train_classifier(model: Classifier, images, targets, *, steps: int, batch_si
 def write_model_card(model: Classifier, path: Path, **facts) -> Path:
     """JSON card beside the weights: data, architecture, size, training facts and measured test accuracy."""
     card = {"dataset": model.config.dataset, "file": path.name, "format": FORMAT,
-            "stored_dtype": str(next(iter(_read_safetensors(path)[1].values())).dtype),
+            "stored_dtype": str(next(iter(_read_classifier_file(path)[0].values())).dtype),
             "arch": asdict(model.config), "params": sum(p.numel() for p in model.parameters()),
             "file_bytes": path.stat().st_size, "sha256": file_sha256(path), **facts}
     card_path = path.with_suffix(".json")
@@ -66,17 +77,6 @@ SHAPES_TARGETS_NOTE = ("attrs_to_targets: pairs described with 'below'/'right of
 # Training recipes: steps, and for 'shapes' how many procedural samples (seed 0 train, seed 1 test).
 RECIPES = {"fashion-mnist": dict(steps=2000, flip=True), "mnist": dict(steps=1500, flip=False),
            "cifar10": dict(steps=6000, flip=True), "shapes": dict(steps=2000, flip=False, n_train=20000, n_test=5000)}
-
-
-def _hardware() -> str:
-    """CPU model, core count, torch threads and load average: training wall time depends on all four."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}, load average {load:.1f} at the end"
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def _finish(model: Classifier, path: Path, dataset: str, facts: dict, *, half: b
     print("test accuracy:", json.dumps(acc), flush=True)
     facts = {**facts, "n_test": len(x_test), "test_accuracy": acc, "torch": torch.__version__}
     if dataset == "shapes":
-        facts["data"] = "minidiff.shapes.make_shapes(n_train, size=32, seed=0); test: make_shapes(n_test, seed=1)"
+        facts["data"] = "minidiff.data.shapes.make_shapes(n_train, size=32, seed=0); test: make_shapes(n_test, seed=1)"
         facts["targets"] = SHAPES_TARGETS_NOTE
     print("wrote", path, "and", write_model_card(model, path, **facts), flush=True)
 
@@ -114,8 +114,8 @@ def _train_command(args) -> None:
     train_classifier(model, x_train, y_train, steps=steps, batch_size=args.batch_size, lr=args.lr,
                      generator=torch.Generator().manual_seed(args.seed), augment_flip=recipe["flip"])
     facts = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, n_train=len(x_train),
-                 wall_time_s=round(time.time() - t0, 1), hardware=_hardware(),
-                 command=f"python -m minidiff.evaluators train --dataset {args.dataset}"
+                 wall_time_s=round(time.time() - t0, 1), hardware=hardware_info(),
+                 command=f"python -m minidiff.eval.classifier_training train --dataset {args.dataset}"
                          + (f" --steps {args.steps}" if args.steps else ""))
     _finish(model, Path(args.out or _weights_path(args.dataset)), args.dataset, facts)
 
@@ -124,16 +124,16 @@ def _calibrate_command(args) -> None:
     """Recompute feature_scale of an existing file, keeping its training facts; accuracy is re-measured."""
     path = Path(args.out or _weights_path(args.dataset))
     card = json.loads(path.with_suffix(".json").read_text())
-    half = _read_safetensors(path)[1]["fc.weight"].dtype == torch.float16
+    half = _read_classifier_file(path)[0]["fc.weight"].dtype == torch.float16
     keep = {k: v for k, v in card.items() if k not in {"dataset", "file", "format", "stored_dtype", "arch", "params",
                                                        "file_bytes", "sha256", "n_test", "test_accuracy", "torch"}}
-    keep["calibrated_with"] = f"python -m minidiff.evaluators calibrate --dataset {args.dataset}"
+    keep["calibrated_with"] = f"python -m minidiff.eval.classifier_training calibrate --dataset {args.dataset}"
     _finish(load_classifier(path), path, args.dataset, keep, half=half)
 
 
 def main(argv=None) -> None:
-    """Command line: ``python -m minidiff.evaluators train|calibrate --dataset fashion-mnist|shapes|mnist|cifar10``."""
-    parser = argparse.ArgumentParser(prog="python -m minidiff.evaluators",
+    """Command line: ``python -m minidiff.eval.classifier_training train|calibrate --dataset fashion-mnist|shapes|mnist|cifar10``."""
+    parser = argparse.ArgumentParser(prog="python -m minidiff.eval.classifier_training",
                                      description="Train or calibrate a shipped evaluator classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an evaluator and write its weights and model card")

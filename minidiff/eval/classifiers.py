@@ -7,14 +7,13 @@ dataset ("classifier-FID", as in the Fashion-MNIST/MNIST diffusion literature): 
 penultimate layer, ``forward(x)`` its logits (a dict of heads for the multi-attribute "shapes" classifier).
 Numbers in this feature space are comparable between runs of this course, not with published Inception FIDs.
 
-Train one with ``python -m minidiff.evaluators train --dataset fashion-mnist`` (also ``shapes``, ``mnist``,
+Train one with ``python -m minidiff.eval.classifier_training train --dataset fashion-mnist`` (also ``shapes``, ``mnist``,
 ``cifar10``); it writes ``minidiff/weights/classifier-<dataset>.safetensors`` and a JSON model card beside it
-(the recipe and the command are in ``minidiff.evaluator_training``).
+(the recipe and the command are in ``minidiff.eval.classifier_training``).
 ``inception_features`` / ``inception_fid`` are an optional extra that needs torchvision's Inception download.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.files import WEIGHTS_DIR, file_sha256, read_safetensors, write_safetensors
+
 __all__ = ["ClassifierConfig", "Classifier", "CONFIGS", "WEIGHTS_DIR", "build_classifier", "classifier_loss",
            "attrs_to_targets", "head_accuracy", "extract_features", "save_classifier", "load_classifier",
            "available_classifiers", "training_data", "inception_features", "inception_fid"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "minidiff-classifier-v1"
 
 
@@ -45,11 +45,11 @@ class ClassifierConfig:
 
 
 def _shapes_heads() -> dict:
-    """One head per attribute of minidiff.shapes, objects in canonical order (see ``attrs_to_targets``).
+    """One head per attribute of minidiff.data.shapes, objects in canonical order (see ``attrs_to_targets``).
 
     Object 2 gets an extra last class 'absent'; the relation head has classes ("above", "left of", "absent").
     """
-    from . import shapes
+    from minidiff.data import shapes
     n_shape, n_color, n_size = len(shapes.SHAPES), len(shapes.COLORS), len(shapes.SIZES)
     return {"shape1": n_shape, "color1": n_color, "size1": n_size,
             "shape2": n_shape + 1, "color2": n_color + 1, "size2": n_size + 1, "relation": 3}
@@ -62,7 +62,7 @@ def attrs_to_targets(attrs: torch.Tensor, heads: dict) -> torch.Tensor:
     with the objects swapped as "above"/"left of": object 1 is then the upper (or left) one. -1 ('absent')
     becomes the last class of its head. Relation targets: 0 = above, 1 = left of, 2 = absent.
     """
-    from .shapes import RELATIONS
+    from minidiff.data.shapes import RELATIONS
     assert RELATIONS == ("above", "below", "left of", "right of"), "update attrs_to_targets for new RELATIONS"
     attrs = torch.as_tensor(attrs, dtype=torch.int64)
     if attrs.ndim != 2 or attrs.shape[1] != 7:
@@ -165,10 +165,10 @@ def extract_features(model: Classifier, images: torch.Tensor, *, batch_size: int
 def training_data(dataset: str, split: str, *, n: int | None = None, seed: int = 0):
     """(images, targets (N, n_heads)) for a dataset; for 'shapes', ``n`` fresh samples drawn with ``seed``."""
     if dataset == "shapes":
-        from .shapes import make_shapes
+        from minidiff.data.shapes import make_shapes
         images, _, attrs = make_shapes(n or 5000, size=32, seed=seed)
         return images, attrs_to_targets(attrs, _shapes_heads())
-    from .data import load_dataset
+    from minidiff.data.datasets import load_dataset
     ds = load_dataset(dataset, split)
     images, labels = ds.images, ds.labels
     if n is not None:
@@ -192,37 +192,16 @@ def available_classifiers() -> list[str]:
 
 def save_classifier(model: Classifier, path, *, half: bool = True) -> Path:
     """Write the weights with safetensors (no pickle), float16 when ``half`` (half the size; loading casts
-    back to float32); the config JSON goes in the metadata."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    back to float32); the config JSON goes in the metadata. Atomic, like every minidiff file."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(asdict(model.config))})
-    tmp.chmod(0o644)  # package data: readable by everyone
-    tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
-    return path
+    return write_safetensors(path, state, {"format": FORMAT, "config": json.dumps(asdict(model.config))})
 
 
-def file_sha256(path) -> str:
-    """Hex SHA-256 of a file (recorded in the model card, checked at load time)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _read_safetensors(path: Path):
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError type for bad headers
-        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a minidiff classifier: metadata format is {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}")
-    return meta, state
+def _read_classifier_file(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a classifier file, with the library's one reader (errors name the file)."""
+    return read_safetensors(path, expect_format=FORMAT)
 
 
 def _check_card(path: Path) -> None:
@@ -244,10 +223,10 @@ def load_classifier(name_or_path="fashion-mnist", *, device=None, check_card: bo
     if not path.is_file():
         raise FileNotFoundError(f"no classifier at {path} for name_or_path={str(name_or_path)!r}; shipped: "
                                 f"{available_classifiers()}. Train one with "
-                                f"`python -m minidiff.evaluators train --dataset <name>`")
+                                f"`python -m minidiff.eval.classifier_training train --dataset <name>`")
     if check_card:
         _check_card(path)
-    meta, state = _read_safetensors(path)
+    state, meta = _read_classifier_file(path)
     config = ClassifierConfig(**json.loads(meta["config"]))
     config.widths = tuple(config.widths)
     expected = path.stem.removeprefix("classifier-")
@@ -292,10 +271,5 @@ def inception_features(images: torch.Tensor, *, batch_size: int = 50, device=Non
 
 def inception_fid(images_a: torch.Tensor, images_b: torch.Tensor, **kw) -> float:
     """OPTIONAL. Frechet distance in torchvision Inception-v3 features (needs the weights download)."""
-    from .metrics import frechet_distance_from_features
+    from minidiff.eval.metrics import frechet_distance_from_features
     return frechet_distance_from_features(inception_features(images_a, **kw), inception_features(images_b, **kw))
-
-
-if __name__ == "__main__":  # the training command lives in evaluator_training, to keep this module short
-    from minidiff.evaluator_training import main
-    main()

@@ -4,10 +4,8 @@ import torch
 from torch import nn
 
 from minidiff import schedules as S
-from minidiff.parameterization import (
-    PREDICTIONS, Denoiser, diffusion_loss, eps_from_v, eps_from_x0, min_snr_weights, training_target, v_from_x0_eps,
-    x0_from_eps, x0_from_v,
-)
+from minidiff.denoiser import PREDICTIONS, Denoiser, eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
+from minidiff.losses import diffusion_loss, min_snr_weights, training_target
 
 F64 = torch.float64
 INF = float("inf")

@@ -1,0 +1,1 @@
+"""Pipelines that bundle an autoencoder, a text encoder and a denoiser (filled by the text-to-image issue)."""

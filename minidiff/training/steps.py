@@ -1,0 +1,139 @@
+"""Training pieces a diffusion loop is written from, and a short ``train()`` loop built from them.
+
+The loop a student reads (``train()`` below is this, plus logging, samples and checkpoints)::
+
+    optimizer, scheduler = make_optimizer(net, lr=2e-3, warmup_steps=200)
+    ema = EMA(net, decay=0.999)
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=data_gen)
+        out = train_step(net, images[idx], alphas_cumprod=alphas_cumprod, prediction="eps",
+                         optimizer=optimizer, scheduler=scheduler, class_labels=labels[idx],
+                         p_uncond=0.1, null_id=10, generator=noise_gen, step=step)
+        ema.update(net)
+
+| name            | meaning                                                                  |
+|-----------------|--------------------------------------------------------------------------|
+| ``p_uncond``    | probability a label is replaced by the null class (Ho & Salimans 2022)  |
+| ``null_id``     | id of the learned null class (``num_classes`` of the UNet)               |
+| ``decay``       | EMA decay beta: ``shadow <- beta * shadow + (1 - beta) * theta``        |
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minidiff.guidance import condition_dropout
+from minidiff.losses import diffusion_loss
+
+__all__ = ["EMA", "make_optimizer", "train_step", "parameter_groups"]
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and float buffers (Polyak averaging).
+
+    With ``warmup=True`` the decay at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so early
+    averages are not dominated by the random initialisation (as in TensorFlow's ExponentialMovingAverage).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup, self.step = float(decay), bool(warmup), 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        """The decay the next ``update`` will use."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.step) / (10 + self.step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- d * shadow + (1 - d) * theta for float entries; other buffers are copied."""
+        d = self.current_decay()
+        for name, value in model.state_dict().items():
+            s = self.shadow[name]
+            if s.dtype.is_floating_point:
+                s.mul_(d).add_(value.detach(), alpha=1 - d)
+            else:
+                s.copy_(value)
+        self.step += 1
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        """Load the averaged weights into ``model`` (e.g. a deep copy used for sampling); returns it."""
+        model.load_state_dict(self.shadow)
+        return model
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "step": self.step, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:5]}")
+        self.decay, self.warmup, self.step = float(state["decay"]), bool(state["warmup"]), int(state["step"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+_NO_DECAY_MODULES = (nn.Embedding, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices and conv kernels (>= 2 dims) only; never on biases, norm gains or
+    embedding tables (nanoGPT's ``configure_optimizers``; Loshchilov & Hutter 2019 decay weights, not offsets)."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, _NO_DECAY_MODULES) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
+    rest = [p for p in params if p.ndim < 2 or id(p) in no_decay]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                   betas=(0.9, 0.999)):
+    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` and a LambdaLR that warms the learning rate
+    up linearly, then holds it."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+    return optimizer, scheduler
+
+
+def _check_finite_step(value: torch.Tensor, what: str, step, optimizer) -> None:
+    if not torch.isfinite(value):
+        at = f" at step {step}" if step is not None else ""
+        lr = optimizer.param_groups[0]["lr"]
+        raise FloatingPointError(
+            f"{what} became {value.item()}{at}: lower the learning rate (lr={lr:g}), keep gradient clipping on "
+            "(max_grad_norm), or check the data for NaN/inf; resume from the last good checkpoint")
+
+
+def train_step(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor, prediction: str, optimizer,
+               scheduler=None, class_labels=None, p_uncond: float = 0.0, null_id: int | None = None,
+               min_snr_gamma: float | None = None, max_grad_norm: float | None = 1.0, generator=None,
+               autocast_dtype=None, step: int | None = None) -> dict:
+    """One optimisation step on the denoising loss (Ho et al. 2020, Alg. 1) -> {"loss", "grad_norm"}."""
+    cond = {}
+    if class_labels is not None:
+        if p_uncond > 0:
+            class_labels = condition_dropout(class_labels, p_uncond, null_id, generator=generator)
+        cond["class_labels"] = class_labels
+    net.train()
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss = diffusion_loss(net, x0, alphas_cumprod, prediction, generator=generator,
+                              min_snr_gamma=min_snr_gamma, **cond)
+    _check_finite_step(loss.detach(), "loss", step, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm or float("inf"))
+    _check_finite_step(grad_norm.detach(), "gradient norm", step, optimizer)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item()}
