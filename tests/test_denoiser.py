@@ -198,3 +198,36 @@ def test_loss_validates_arguments(gen):
         diffusion_loss(lambda x, t: x, x0, AB, t=torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match="net output must have the shape of x0"):
         diffusion_loss(lambda x, t: x[:, :1], x0, AB, generator=gen)
+
+
+# ----------------------------------------------------------------------------- the table and what Denoiser exposes
+def test_parameterization_table_is_consistent(gen):
+    """For every row, x0_hat = c_skip x_t + c_out * target reproduces x0 exactly (the table's definition)."""
+    from minidiff.denoiser import PARAMETERIZATIONS
+
+    x0, eps = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.5, 1.0, 7.0, 300.0], dtype=torch.float64)
+    a, b = (c[:, None] for c in S.vp_coefficients(sigma))
+    x_t = a * x0 + b * eps
+    for name, row in PARAMETERIZATIONS.items():
+        c_skip, c_out = row.coefficients(a, b)
+        torch.testing.assert_close(c_skip * x_t + c_out * row.target(x0, eps, a, b), x0, msg=name)
+
+
+def test_denoiser_exposes_conditioning_and_null_condition():
+    from minidiff.models.unet import unet_from_preset
+
+    ab = S.alphas_cumprod_from_betas(S.linear_betas(100))
+    small = dict(base_channels=8, channel_mults=(1, 2), attn_levels=())
+    cond = Denoiser(unet_from_preset("tiny", num_classes=10, **small), ab, image_shape=(1, 8, 8))
+    assert cond.num_classes == 10 and cond.context_dim is None and cond.image_shape == (1, 8, 8)
+    null = cond.null_condition(3)
+    assert torch.equal(null["class_labels"], torch.full((3,), 10))
+    uncond = Denoiser(unet_from_preset("tiny", **small), ab)
+    assert uncond.num_classes is None
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.null_condition(2)
+    text = Denoiser(unet_from_preset("tiny", context_dim=16, **small), ab)
+    assert text.context_dim == 16
+    with pytest.raises(ValueError, match="empty prompt"):
+        text.null_condition(2)

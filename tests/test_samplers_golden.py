@@ -137,3 +137,63 @@ def test_bad_x_and_args_raise(name):
 def test_bad_options_raise(fn, options, message):
     with pytest.raises(ValueError, match=message):
         fn(dummy, torch.zeros(1, 3), SIGMAS[1:], **options)
+
+
+# ----------------------------------------------------------------------------- no graph, noise hook
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samplers_build_no_autograd_graph(name, gen):
+    """Outside torch.no_grad, with a denoiser whose parameters require grad, no step keeps a graph."""
+    w = torch.nn.Parameter(torch.tensor(0.8))
+
+    def net(x, sigma):
+        return w * torch.tanh(x)
+    out = SAMPLERS[name](net, torch.randn(4, 3, generator=gen), SIGMAS[1:], generator=gen)
+    assert torch.is_grad_enabled() and not out.requires_grad and out.grad_fn is None
+
+
+def test_sample_leaves_no_graph_with_a_real_network(gen):
+    from minidiff.denoiser import Denoiser
+    from minidiff.models.unet import unet_from_preset
+    from minidiff.schedules import alphas_cumprod_from_betas, linear_betas, sampling_sigmas
+
+    ab = alphas_cumprod_from_betas(linear_betas(1000))
+    den = Denoiser(unet_from_preset("tiny", base_channels=8, channel_mults=(1, 2), attn_levels=()), ab)
+    seen = []
+    out = sample(den, (2, 1, 8, 8), sampling_sigmas(ab, 3), device="cpu", generator=gen,
+                 callback=lambda info: seen.append(info["x0_hat"].requires_grad))
+    assert out.grad_fn is None and not any(seen)
+
+
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_noise_sampler_supplies_every_fresh_draw(name):
+    """With noise_sampler returning zeros, a stochastic sampler adds no noise; with a recorded stream it is
+    reproducible without any generator; its calls see (sigma, sigma_next) of the step."""
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    levels = []
+
+    def zeros(s, s_next):
+        levels.append((s, s_next))
+        return torch.zeros_like(x)
+    out = SAMPLERS[name](dummy, x, SIGMAS[1:], noise_sampler=zeros)
+    assert levels and all(s > s_next > 0 for s, s_next in levels)
+    seeded = SAMPLERS[name](dummy, x, SIGMAS[1:], generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(out, seeded)
+    stream = torch.Generator().manual_seed(1)
+    hooked = SAMPLERS[name](dummy, x, SIGMAS[1:], noise_sampler=lambda s, s_next: torch.randn(
+        x.shape, generator=stream, dtype=x.dtype))
+    torch.testing.assert_close(hooked, seeded, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_noise_sampler_and_generator_are_validated(name):
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="noise_sampler must be callable"):
+        SAMPLERS[name](dummy, x, SIGMAS[1:], noise_sampler=42)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        SAMPLERS[name](dummy, x, SIGMAS[1:], generator=42)
+    if name in STOCHASTIC:
+        with pytest.raises(ValueError, match="noise_sampler must return a tensor of shape"):
+            SAMPLERS[name](dummy, x, SIGMAS[1:], noise_sampler=lambda s, s_next: torch.zeros(3))

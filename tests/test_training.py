@@ -11,7 +11,7 @@ from torch import nn
 
 from minidiff.models.unet import unet_from_preset
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
-from minidiff.training import EMA, TrainConfig, make_optimizer, train, train_step
+from minidiff.training import EMA, TrainConfig, make_optimizer, train, train_step, validation_loss
 
 SMALL_UNET = dict(base_channels=8, channel_mults=(1, 2), num_groups=4, attn_levels=())
 REPO = Path(__file__).resolve().parents[1]
@@ -121,15 +121,22 @@ def test_loss_drops_on_fashion_mnist():
     ab = alphas_cumprod_from_betas(make_betas("cosine", 1000))
     opt, sched = make_optimizer(net, lr=3e-3, warmup_steps=20)
     data_gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    losses = []
+    losses, val = [], []
+    val_x, val_y = load_dataset("fashion-mnist", "test").images[:64], load_dataset("fashion-mnist", "test").labels[:64]
     for step in range(150):
         idx = torch.randint(len(data.images), (16,), generator=data_gen)
         out = train_step(net, data.images[idx], alphas_cumprod=ab, prediction="eps", optimizer=opt,
                          scheduler=sched, class_labels=data.labels[idx], p_uncond=0.1, null_id=10,
                          generator=noise_gen, step=step)
         losses.append(out["loss"])
+        if step in (0, 149):
+            val.append(validation_loss(net, val_x, alphas_cumprod=ab, prediction="eps", class_labels=val_y))
     first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
     assert last < 0.7 * first, (first, last)
+    # the validation loss: fixed images, t grid and noise, so it is reproducible and shows the same progress
+    assert val[1]["loss"] < 0.7 * val[0]["loss"], val
+    again = validation_loss(net, val_x, alphas_cumprod=ab, prediction="eps", class_labels=val_y)
+    assert again == val[1] and len(again["t"]) == 10 and again["t"][0] == 0 and again["t"][-1] == 999
 
 
 @dataclass
@@ -141,7 +148,7 @@ class Data:
 
 def _small_config(steps, **kw):
     base = dict(batch_size=4, lr=2e-3, warmup=3, ema_decay=0.9, ckpt_every=4, sample_every=1000, sample_steps=2,
-                unet={**SMALL_UNET, "dropout": 0.1})
+                val_every=3, val_size=8, unet={**SMALL_UNET, "dropout": 0.1})
     return TrainConfig(steps=steps, **{**base, **kw})
 
 
@@ -152,6 +159,7 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
     train(_small_config(4), tmp_path / "killed", data=data, device="cpu", progress=False)
     resumed = train(_small_config(8), tmp_path / "killed", data=data, device="cpu", progress=False, resume=True)
     assert resumed["history"] == full["history"] and len(full["history"]["loss"]) == 8
+    assert full["history"]["val_step"] == [3, 6]  # the validation loss survives the kill at step 4 too
     for (name, a), b in zip(full["net"].state_dict().items(), resumed["net"].state_dict().values()):
         assert torch.equal(a, b), name
     assert all(torch.equal(v, resumed["ema"].shadow[k]) for k, v in full["ema"].shadow.items())
@@ -197,3 +205,18 @@ def test_cli_trains_checkpoints_samples_and_exports(tmp_path):
 def test_train_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
+
+
+def test_weight_decay_only_on_weight_matrices_and_kernels():
+    from minidiff.training import parameter_groups
+
+    net = unet_from_preset("tiny", num_classes=10, base_channels=8, channel_mults=(1, 2), attn_levels=(1,))
+    decay, rest = parameter_groups(net, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert id(net.class_emb.weight) in {id(p) for p in rest["params"]}  # an embedding table, 2-D but no decay
+    norms = [m.weight for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(id(w) in {id(p) for p in rest["params"]} for w in norms)
+    assert len(decay["params"]) + len(rest["params"]) == len(list(net.parameters()))
+    optimizer, _ = make_optimizer(net, lr=1e-3, weight_decay=0.1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

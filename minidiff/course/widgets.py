@@ -32,27 +32,22 @@ __all__ = [
     "schedule_view", "schedule_explorer", "sampler_view", "sampler_explorer", "guidance_view", "guidance_explorer",
 ]
 
-SCHEDULE_CHOICES = ("linear", "cosine", "scaled_linear", "sigmoid", "karras")
+SCHEDULE_CHOICES = ("linear", "cosine", "scaled_linear", "sigmoid")  # training schedules; Karras is a spacing
 SPACING_CHOICES = schedules.SAMPLING_SPACINGS
 _BETA_SCHEDULES = ("linear", "scaled_linear", "sigmoid")  # the ones a beta range applies to
 
 
 # ----------------------------------------------------------------------------- shared helpers
 def schedule_alphas_cumprod(schedule: str, T: int = 1000, beta_range=(1e-4, 0.02)) -> torch.Tensor:
-    """alpha_bar_t (T,) of a named schedule; "karras" puts T levels at Karras et al. 2022, Eq. 5 (rho = 7)
-    spacing over the sigma range of the linear schedule with this beta range."""
+    """alpha_bar_t (T,) of a named training schedule (Karras levels are a sampling spacing: see sampler_explorer)."""
     if schedule not in SCHEDULE_CHOICES:
-        raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}")
+        raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES} (Karras et al. 2022's levels are a sampling "
+                         f"spacing, not a training schedule: schedules.sampling_sigmas(..., 'karras')), got {schedule!r}")
     beta_start, beta_end = beta_range
     if schedule == "cosine":
         return schedules.alphas_cumprod_from_betas(schedules.cosine_betas(T))
-    if schedule in _BETA_SCHEDULES:
-        betas = schedules.make_betas(schedule, T, beta_start=beta_start, beta_end=beta_end)
-        return schedules.alphas_cumprod_from_betas(betas)
-    linear = schedules.alphas_cumprod_from_betas(schedules.linear_betas(T, beta_start, beta_end))
-    sig = schedules.sigmas_from_alphas_cumprod(linear)
-    karras = schedules.karras_sigmas(T, sig.min().item(), sig.max().item())[:-1].flip(0)  # ascending in t
-    return schedules.alphas_cumprod_from_sigmas(karras)
+    betas = schedules.make_betas(schedule, T, beta_start=beta_start, beta_end=beta_end)
+    return schedules.alphas_cumprod_from_betas(betas)
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +100,7 @@ def schedule_view(schedule: str = "linear", T: int = 1000, beta_range=(1e-4, 0.0
     plotting.show_images(x_t, nrow=2, ax=ax_img)
     snr_t = schedules.snr(ab)[t].item()
     ax_img.set_title(rf"$x_t$ at t={t}: $\bar\alpha_t$={ab[t].item():.3g}, SNR={snr_t:.3g}", fontsize=9)
-    if schedule not in _BETA_SCHEDULES + ("karras",):
+    if schedule not in _BETA_SCHEDULES:
         fig.suptitle(f"{schedule}: the beta range is not used by this schedule", fontsize=9)
     return fig
 

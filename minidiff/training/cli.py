@@ -33,6 +33,8 @@ _HELP = {
     "p_uncond": "probability a label is replaced by the null class (CFG training)",
     "min_snr_gamma": "min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5", "max_grad_norm": "gradient clipping",
     "sample_every": "save a sample grid every N steps", "ckpt_every": "save the checkpoint every N steps",
+    "val_every": "validation loss (fixed images, t grid, noise) of the EMA weights every N steps",
+    "val_size": "images in the validation set (the test split of the dataset)",
     "sampler": "sampler for the sample grids", "sample_steps": "sampler steps for the sample grids",
     "sample_guidance": "CFG scale for the sample grids of conditional models", "seed": "seed of weights, data and noise",
 }

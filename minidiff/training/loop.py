@@ -24,7 +24,7 @@ from minidiff.models.unet import unet_from_preset
 from minidiff.samplers import sample
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from minidiff.training.steps import EMA, make_optimizer, train_step
+from minidiff.training.steps import EMA, make_optimizer, train_step, validation_loss
 from minidiff.utils import get_device
 
 __all__ = ["TrainConfig", "train", "build_model", "make_alphas_cumprod", "sample_grid"]
@@ -51,6 +51,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     sample_every: int = 1000
     ckpt_every: int = 1000
+    val_every: int = 250  # validation loss (fixed images, t grid and noise) of the EMA weights every N steps
+    val_size: int = 256
     sampler: str = "dpmpp_2m"
     sample_steps: int = 20
     sample_guidance: float = 3.0
@@ -58,12 +60,12 @@ class TrainConfig:
     unet: dict = field(default_factory=dict)  # UNetConfig fields overriding the preset
 
     # Fields that may change between a run and its resumption (they do not change the trained model).
-    RESUMABLE = ("steps", "sample_every", "ckpt_every", "sampler", "sample_steps", "sample_guidance")
+    RESUMABLE = ("steps", "sample_every", "ckpt_every", "val_every", "sampler", "sample_steps", "sample_guidance")
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps"):
+        for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps", "val_every", "val_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or self.warmup < 0:
@@ -104,6 +106,32 @@ def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, im
     return x
 
 
+HISTORY_KEYS = ("loss", "grad_norm", "val_step", "val_loss")
+
+
+def _validation_set(config: TrainConfig, data, val_data) -> tuple:
+    """Fixed images (and labels) for the validation loss: ``val_data``, else the test split of the config's dataset
+    when ``data`` was loaded from it, else a fixed subset of ``data`` (drawn with seed 12345)."""
+    if val_data is None and data is None:
+        val_data = load_dataset(config.dataset, "test")
+    if val_data is None:
+        idx = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(12345))[:config.val_size]
+        images, labels = data.images[idx], data.labels[idx]
+    else:
+        images, labels = val_data.images[:config.val_size], val_data.labels[:config.val_size]
+    return images, (labels if config.conditional else None)
+
+
+def _validate(done: int, run: dict, config: TrainConfig) -> None:
+    """Append the EMA model's validation loss at step ``done`` to the run's history."""
+    images, labels = run["val_set"]
+    device = run["device"]
+    out = validation_loss(_ema_net(run), images.to(device), alphas_cumprod=run["alphas_cumprod"],
+                          prediction=config.prediction, class_labels=labels.to(device) if labels is not None else None)
+    run["history"]["val_step"].append(done)
+    run["history"]["val_loss"].append(out["loss"])
+
+
 def _setup(config: TrainConfig, data, device: torch.device) -> dict:
     """Build the net, EMA, optimizer, scheduler and seeded generators for a run."""
     torch.manual_seed(config.seed)  # initial weights and dropout draw from the global generator
@@ -116,7 +144,7 @@ def _setup(config: TrainConfig, data, device: torch.device) -> dict:
             "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
             "generators": gens, "alphas_cumprod": alphas_cumprod, "memory_format": fmt, "device": device,
-            "start": 0, "history": {"loss": [], "grad_norm": []}, "sessions": []}
+            "start": 0, "history": {k: [] for k in HISTORY_KEYS}, "sessions": []}
 
 
 def _resume(path: Path, config: TrainConfig, run: dict) -> None:
@@ -129,7 +157,8 @@ def _resume(path: Path, config: TrainConfig, run: dict) -> None:
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],
                             scheduler=run["scheduler"], generators=run["generators"])
     run["start"], run["sessions"] = state["step"], state["config"].get("sessions", [])
-    run["history"] = {k: state["extra_tensors"][k].tolist() for k in ("loss", "grad_norm")}
+    run["history"] = {k: state["extra_tensors"][k].tolist() if k in state["extra_tensors"] else []
+                      for k in HISTORY_KEYS}
 
 
 def _save(path: Path, config: TrainConfig, run: dict, step: int) -> None:
@@ -170,26 +199,31 @@ def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, i
         n_steps = done - max(run["start"], (done - 1) // 10 * 10)  # steps since the last update
         rate = n_steps * config.batch_size / (time.perf_counter() - run["t_window"])
         bar.set_postfix(loss=f"{sum(run['history']['loss'][-n_steps:]) / n_steps:.4f}", img_s=f"{rate:.0f}")
+    if done % config.val_every == 0:  # not at a session's last step: a resumed run keeps the same history
+        _validate(done, run, config)
+    if done % config.ckpt_every == 0 or last:  # before the sample grid: a failing side task never costs a checkpoint
+        _save(out_dir / "checkpoint.safetensors", config, run, done)
     if done % config.sample_every == 0 or last:
         sample_grid(_ema_net(run), run["alphas_cumprod"], config, out_dir / "samples" / f"step_{done:07d}.png",
                     image_shape=image_shape)
-    if done % config.ckpt_every == 0 or last:
-        _save(out_dir / "checkpoint.safetensors", config, run, done)
     if done % 10 == 0:
         run["t_window"] = time.perf_counter()
 
 
-def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, data=None, progress: bool = True,
-          command: str | None = None) -> dict:
+def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, data=None, val_data=None,
+          progress: bool = True, command: str | None = None) -> dict:
     """Train as ``config`` says; samples go to ``out_dir/samples``, the checkpoint to ``out_dir/checkpoint.safetensors``.
 
     Returns {"net", "ema", "ema_net", "optimizer", "scheduler", "alphas_cumprod", "history", "step"};
-    ``history["loss"][i]`` is the loss of step i. ``data`` (anything with ``.images``, ``.labels``,
-    ``.class_names``) replaces ``load_dataset(config.dataset)``.
+    ``history["loss"][i]`` is the loss of step i; ``history["val_loss"]`` the validation loss at the steps in
+    ``history["val_step"]``. ``data`` (anything with ``.images``, ``.labels``, ``.class_names``) replaces
+    ``load_dataset(config.dataset)``; ``val_data`` the images of the validation loss (see ``_validation_set``).
     """
     device = device if isinstance(device, torch.device) else get_device(device)
+    val_set = _validation_set(config, data, val_data)
     data = data if data is not None else load_dataset(config.dataset)
     run = _start(config, data, device, Path(out_dir), resume, command)
+    run["val_set"] = val_set
     autocast = torch.bfloat16 if device.type == "cuda" else None
     bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
     for step in bar:

@@ -25,7 +25,7 @@ from torch import nn
 from minidiff.guidance import condition_dropout
 from minidiff.losses import diffusion_loss
 
-__all__ = ["EMA", "make_optimizer", "train_step", "parameter_groups"]
+__all__ = ["EMA", "make_optimizer", "train_step", "parameter_groups", "validation_loss"]
 
 
 class EMA:
@@ -137,3 +137,25 @@ def train_step(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor
     if scheduler is not None:
         scheduler.step()
     return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+
+
+@torch.no_grad()
+def validation_loss(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor, prediction: str,
+                    n_levels: int = 10, seed: int = 0, class_labels=None) -> dict:
+    """The denoising loss on fixed images at a fixed grid of t with fixed noise (Ho et al. 2020, Eq. 14).
+
+    Unlike the training loss, whose t and eps are redrawn every step (its noise hides slow progress), this number
+    changes only when the network does: the same ``n_levels`` timesteps, evenly spaced over [0, T - 1], and the
+    same noise (from ``seed``) every call. Returns {"loss": mean over the grid, "t": grid, "per_t": loss per t}.
+    """
+    T = len(alphas_cumprod)
+    grid = torch.linspace(0, T - 1, n_levels).round().to(torch.int64).unique()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(x0)  # one draw, reused at every t
+    cond = {"class_labels": class_labels} if class_labels is not None else {}
+    was_training = net.training
+    net.eval()
+    per_t = [diffusion_loss(net, x0, alphas_cumprod, prediction, t=torch.full((len(x0),), int(t), device=x0.device),
+                            noise=noise, **cond).item() for t in grid]
+    net.train(was_training)
+    return {"loss": sum(per_t) / len(per_t), "t": grid.tolist(), "per_t": per_t}
