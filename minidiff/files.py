@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 __all__ = ["WEIGHTS_DIR", "CheckpointError", "atomic_write_bytes", "write_safetensors", "read_safetensors",
-           "read_metadata", "file_sha256", "hardware_info"]
+           "read_metadata", "tensors_sha256", "file_sha256", "hardware_info"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -50,10 +50,24 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return path
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """Hex SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        v = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def write_safetensors(path, tensors: dict, metadata: dict) -> Path:
-    """Atomically write ``tensors`` (name -> tensor, moved to the CPU) and str metadata as a safetensors file."""
+    """Atomically write ``tensors`` (name -> tensor, moved to the CPU) and str metadata as a safetensors file.
+
+    The metadata gains ``sha256``, the ``tensors_sha256`` of the tensors, which ``read_safetensors`` checks.
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+    metadata = {**{k: str(v) for k, v in metadata.items()}, "sha256": tensors_sha256(tensors)}
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def _open_error(path: Path, err: Exception) -> CheckpointError:
@@ -61,8 +75,8 @@ def _open_error(path: Path, err: Exception) -> CheckpointError:
 
 
 def read_safetensors(path, *, expect_format: str | None = None) -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file; CheckpointError naming the file if it is damaged or of another
-    ``format`` than ``expect_format``."""
+    """(tensors, metadata) of a safetensors file; CheckpointError naming the file if it is damaged (unreadable, or
+    its tensors do not match the SHA-256 recorded when it was written) or of another ``format`` than ``expect_format``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
@@ -74,6 +88,9 @@ def read_safetensors(path, *, expect_format: str | None = None) -> tuple[dict, d
         raise _open_error(path, e) from e
     if expect_format is not None and metadata.get("format") != expect_format:
         raise CheckpointError(f"{path} is not a {expect_format} file (format={metadata.get('format')!r})")
+    if "sha256" in metadata and tensors_sha256(tensors) != metadata["sha256"]:
+        raise CheckpointError(f"{path} is corrupted: its tensors do not match the SHA-256 recorded when it was "
+                              "written (flipped bits on disk, or an edited file)")
     return tensors, metadata
 
 

@@ -140,3 +140,48 @@ def test_save_model_float16_is_smaller_and_close(tmp_path):
     assert next(d2.parameters()).dtype == torch.float32
     x, sigma = torch.randn(2, 1, 12, 12), torch.tensor([0.5, 3.0])
     torch.testing.assert_close(d2(x, sigma), d(x, sigma), atol=2e-2, rtol=2e-2)
+
+
+def _flip_a_tensor_byte(path):
+    """Flip one byte inside the tensor data (after the JSON header), as a bad disk sector would."""
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    raw[8 + header_len + (len(raw) - 8 - header_len) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_tensor_bytes_are_caught_in_models_checkpoints_and_classifiers(tmp_path):
+    """Every minidiff file records the SHA-256 of its tensors; a flipped byte is an error naming the file."""
+    from minidiff import pretrained
+    from minidiff.eval.classifiers import build_classifier, load_classifier, save_classifier
+    from minidiff.files import WEIGHTS_DIR
+
+    model = save_model(tmp_path / "m.safetensors", _denoiser())
+    state = _trained_state()
+    ckpt = _save(tmp_path / "c.safetensors", state)
+    clf = save_classifier(build_classifier("fashion-mnist"), tmp_path / "clf.safetensors")
+    for path in (model, ckpt, clf):
+        _flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors is corrupted: its tensors do not match"):
+        load_model(model)
+    with pytest.raises(CheckpointError, match=r"c\.safetensors is corrupted"):
+        load_checkpoint(ckpt, model=state[0])
+    with pytest.raises(CheckpointError, match=r"clf\.safetensors is corrupted"):
+        load_classifier(clf, check_card=False)
+    shipped = tmp_path / "weights"
+    shipped.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (shipped / f"fashion-mnist-cond{suffix}").write_bytes((WEIGHTS_DIR / f"fashion-mnist-cond{suffix}").read_bytes())
+    pretrained.load("fashion-mnist-cond", weights_dir=shipped)  # intact copy loads
+    _flip_a_tensor_byte(shipped / "fashion-mnist-cond.safetensors")
+    with pytest.raises(CheckpointError, match="corrupted.*Reinstall minidiff"):
+        pretrained.load("fashion-mnist-cond", weights_dir=shipped)
+
+
+def test_model_file_records_the_image_shape(tmp_path):
+    from minidiff import pretrained
+
+    assert pretrained.load("fashion-mnist-cond").image_shape == (1, 28, 28)
+    den = _denoiser()
+    den.image_shape = (1, 12, 12)
+    assert load_model(save_model(tmp_path / "m.safetensors", den)).image_shape == (1, 12, 12)

@@ -60,6 +60,7 @@ class UNetConfig:
     num_classes: int | None = None  # K classes + a learned null class with id K
     context_dim: int | None = None  # D of a context sequence (B, L, D) for cross-attention
     scale_shift: bool = False  # AdaGN time conditioning (Dhariwal & Nichol 2021) instead of adding
+    zero_init: bool = False  # zero the last conv of each ResBlock and each attention output (ADM, EDM)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -107,6 +108,22 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if c.zero_init:
+            self._zero_residual_branches()
+
+    def _zero_residual_branches(self) -> None:
+        """Start every residual branch at zero, so each block is the identity at init (Dhariwal & Nichol 2021's
+        ``zero_module``; Karras et al. 2022 EDM): the last conv of each ResBlock, each attention projection."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                params = [m.conv2.weight, m.conv2.bias]
+            elif isinstance(m, AttentionBlock):
+                params = [m.proj.weight, m.proj.bias] + ([m.proj_cross.weight, m.proj_cross.bias]
+                                                         if m.context_dim is not None else [])
+            else:
+                continue
+            for prm in params:
+                nn.init.zeros_(prm)
 
     def _res(self, cin: int, cout: int) -> ResBlock:
         """A ResBlock configured from self.config."""

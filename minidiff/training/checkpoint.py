@@ -137,7 +137,8 @@ def save_model(path, denoiser, *, schedule: str | None = None, dtype=torch.float
     tensors = {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in net.state_dict().items()}
     tensors = _prefixed("net.", tensors)
     tensors["alphas_cumprod"] = denoiser.alphas_cumprod.detach().to("cpu", torch.float64).contiguous()
-    spec = {"unet": asdict(net.config), "prediction": denoiser.prediction, "schedule": schedule}
+    spec = {"unet": asdict(net.config), "prediction": denoiser.prediction, "schedule": schedule,
+            "image_shape": list(denoiser.image_shape) if denoiser.image_shape is not None else None}
     metadata = {"format": MODEL_FORMAT, "spec": json.dumps(spec)}
     write_safetensors(path, tensors, metadata)
     if card is not None:
@@ -155,5 +156,6 @@ def load_model(path, *, device=None, clip_x0: bool = False):
     net = UNet(UNetConfig(**spec["unet"]))
     weights = {k: v.float() if v.dtype.is_floating_point else v for k, v in _unprefixed("net.", tensors).items()}
     net.load_state_dict(weights)
-    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0)
+    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0,
+                        image_shape=spec.get("image_shape"))
     return denoiser.to(device or "cpu").eval()

@@ -115,7 +115,9 @@ def export_run(run_dir, path, *, dtype: str = "float16") -> Path:
     load_checkpoint(ckpt, ema=ema, restore_rng=False)
     ema.copy_to(net)
     card = {**model_card(run_dir, dtype=dtype), "class_names": list(CLASS_NAMES[config.dataset])}
-    denoiser = Denoiser(net, make_alphas_cumprod(config), config.prediction)
+    c = net.config.in_channels
+    image_shape = (c, 32, 32) if config.dataset == "cifar10" else (c, 28, 28)  # the datasets load_dataset serves
+    denoiser = Denoiser(net, make_alphas_cumprod(config), config.prediction, image_shape=image_shape)
     return save_model(path, denoiser, schedule=config.schedule, dtype=getattr(torch, dtype), card=card)
 
 
