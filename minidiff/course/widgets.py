@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
+import math
 import time
 
 import torch
@@ -29,7 +31,8 @@ from minidiff.utils import get_device, randn
 
 __all__ = [
     "SCHEDULE_CHOICES", "SPACING_CHOICES", "schedule_alphas_cumprod", "pretrained_denoiser",
-    "schedule_view", "schedule_explorer", "sampler_view", "sampler_explorer", "guidance_view", "guidance_explorer",
+    "figure_png", "schedule_view", "schedule_explorer", "sampler_view", "sampler_explorer", "guidance_view",
+    "guidance_explorer",
 ]
 
 SCHEDULE_CHOICES = ("linear", "cosine", "scaled_linear", "sigmoid")  # training schedules; Karras is a spacing
@@ -86,6 +89,31 @@ def _class_labels(denoiser, labels, n: int, device) -> dict:
     return {"class_labels": labels.to(device)}
 
 
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """The PNG bytes of a matplotlib Figure, rendered with the Agg canvas (no pyplot, no backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _explorer(view, **controls):
+    """``ipywidgets.interactive`` over ``view`` that shows its figure, as a PNG, in the explorer's output area when
+    the explorer is created and after every control change. (``interactive`` alone never displays a returned
+    figure: the explorers were blank in JupyterLab because of that.) The last figure is kept as ``.result``."""
+    import ipywidgets as W
+    from IPython.display import Image, display
+
+    def draw(**kw):
+        fig = view(**kw)
+        display(Image(data=figure_png(fig), format="png"))
+        return fig
+    draw.__signature__ = inspect.signature(view)
+    return W.interactive(draw, **controls)
+
+
 # ----------------------------------------------------------------------------- (1) schedules, lecture 01
 def schedule_view(schedule: str = "linear", T: int = 1000, beta_range=(1e-4, 0.02), t: int = 500, *,
                   images: torch.Tensor, noise: torch.Tensor) -> Figure:
@@ -119,12 +147,17 @@ def schedule_explorer(images: torch.Tensor | None = None, *, seed: int = 0):
     T_w = W.IntSlider(value=1000, min=10, max=2000, step=10, description="T")
     t_w = W.IntSlider(value=500, min=0, max=999, description="t")
     T_w.observe(lambda change: setattr(t_w, "max", change["new"] - 1), names="value")
-    return W.interactive(
-        schedule_view,
+    log_slider = dict(min=-5, max=math.log10(0.05), step=0.05, readout_format=".1e")  # a short readout that fits
+
+    def view(schedule, T, beta_start, beta_end, t, images, noise):
+        return schedule_view(schedule, T, (min(beta_start, beta_end), max(beta_start, beta_end)), t,
+                             images=images, noise=noise)
+    return _explorer(
+        view,
         schedule=W.Dropdown(options=SCHEDULE_CHOICES, value="linear", description="schedule"),
         T=T_w,
-        beta_range=W.FloatRangeSlider(value=(1e-4, 0.02), min=1e-5, max=0.05, step=1e-5, readout_format=".5f",
-                                      description="beta range"),
+        beta_start=W.FloatLogSlider(value=1e-4, description="beta start", **log_slider),
+        beta_end=W.FloatLogSlider(value=0.02, description="beta end", **log_slider),
         t=t_w,
         images=W.fixed(images), noise=W.fixed(noise),
     )
@@ -156,7 +189,7 @@ def sampler_explorer(denoiser=None, *, n_images: int = 8, image_size: int = 28):
 
     denoiser = pretrained_denoiser() if denoiser is None else denoiser
     slider = dict(continuous_update=False)
-    return W.interactive(
+    return _explorer(
         sampler_view,
         denoiser=W.fixed(denoiser),
         sampler=W.Dropdown(options=list(SAMPLERS), value="dpmpp_2m", description="sampler"),
@@ -207,7 +240,7 @@ def guidance_explorer(denoiser=None, *, class_names=None, n_images: int = 8, ima
         raise ValueError("guidance_explorer needs a class-conditional denoiser (denoiser.net.config.num_classes is None)")
     names = class_names if class_names is not None else [f"class {k}" for k in range(num_classes)]
     slider = dict(continuous_update=False)
-    return W.interactive(
+    return _explorer(
         guidance_view,
         denoiser=W.fixed(denoiser),
         class_label=W.Dropdown(options=[(n, k) for k, n in enumerate(names)], value=0, description="class"),
