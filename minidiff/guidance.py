@@ -3,7 +3,7 @@
 | symbol      | code name           | meaning                                                               |
 |-------------|---------------------|-----------------------------------------------------------------------|
 | w           | ``guidance_scale``  | CFG weight (Ho & Salimans 2022; w = 1 + their w), 1 = no guidance     |
-| phi         | ``guidance_rescale``| mix of the std-rescaled and plain guided prediction (Lin et al. 2023) |
+| phi         | ``guidance_rescale``| mix of the std-rescaled and plain guided prediction (Lin et al. 2024) |
 | x0_c, x0_u  | ``x0_c, x0_u``      | conditional and unconditional (or negative-prompt) predictions        |
 | x0_cfg      | ``x0_cfg``          | x0_u + w (x0_c - x0_u)                                                |
 """
@@ -27,7 +27,7 @@ def _check_scales(guidance_scale: float, guidance_rescale: float) -> None:
 
 
 def rescale_guidance(x0_cfg: torch.Tensor, x0_c: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Lin et al. 2023, Eq. 15-16: scale x0_cfg to the std of x0_c (per sample), then mix by phi.
+    """Lin et al. 2024, Eq. 15-16: scale x0_cfg to the std of x0_c (per sample), then mix by phi.
 
     std is taken per sample over all non-batch dims. Where x0_cfg has zero std the factor is 1 (nothing to rescale).
     """
@@ -73,7 +73,7 @@ class CFGDenoiser(nn.Module):
     dict of cond keywords for the unconditional branch (a null class, an empty prompt, or a negative prompt),
     broadcast to the batch. Both branches run in one batched forward. w = 1 returns the conditional prediction
     exactly and w = 0 the unconditional one exactly (the other branch is skipped). ``guidance_rescale`` (phi)
-    applies Lin et al. 2023, Eq. 15-16 on x0_hat (diffusers does it on eps_hat; the two differ).
+    applies Lin et al. 2024, Eq. 15-16 on x0_hat (diffusers does it on eps_hat; the two differ).
     """
 
     def __init__(self, denoiser: nn.Module, guidance_scale: float, *, uncond: dict, guidance_rescale: float = 0.0):

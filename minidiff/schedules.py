@@ -130,7 +130,7 @@ def betas_from_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
 
 
 def rescale_zero_terminal_snr(betas) -> torch.Tensor:
-    """Rescale betas so that the last alpha_bar is exactly 0 (Lin et al. 2023, Alg. 1).
+    """Rescale betas so that the last alpha_bar is exactly 0 (Lin et al. 2024, Alg. 1).
 
     sqrt(alpha_bar) is shifted so its last entry is 0 and scaled so its first entry is unchanged.
     """

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spacing", default="trailing", choices=SAMPLING_SPACINGS,
-                   help="timestep spacing for get_sigmas, or karras for Karras et al. 2022's sigmas")
+                   help="sampling levels: a timestep spacing, or karras (Karras et al. 2022, capped at sigma 80)")
     p.add_argument("--device", default=None, help="default: minidiff.utils.get_device() (CUDA, MPS, then CPU)")
     args = p.parse_args(argv)
     args.device = args.device or str(get_device())
