@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 _EPS_AT_ZERO_SNR = ("eps-prediction is undefined at zero SNR (sigma = inf, alpha_bar = 0): x0 = (x - b eps) / a "
-                    "divides by a = 0. Use prediction='v' (or 'x0') with zero-terminal-SNR schedules (Lin et al. 2024, Sec. 3.2)")
+                    "divides by a = 0. Use prediction='v' (or 'x0') with zero-terminal-SNR schedules "
+                    "(Lin et al. 2024, Sec. 3.2)")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def test_denoiser_alphas_cumprod_survives_dtype_cast():
 def test_denoiser_eps_at_inf_sigma_says_use_v(gen):
     x = torch.randn(2, 3, generator=gen)
     D = Denoiser(lambda x, t: torch.zeros_like(x), ABZ, "eps")
-    with pytest.raises(ValueError, match="Use prediction='v' with zero-terminal-SNR"):
+    with pytest.raises(ValueError, match=r"Use prediction='v' \(or 'x0'\) with zero-terminal-SNR"):
         D(x, torch.tensor([INF, 1.0]))
     Dv = Denoiser(lambda x, t: torch.zeros_like(x), ABZ, "v")
     out = Dv(x, torch.tensor([INF, 1.0]))
