@@ -30,7 +30,7 @@ from torch import nn
 
 from minidiff.forward import check_sigma
 from minidiff.schedules import sigma_to_t, sigmas_from_alphas_cumprod, vp_coefficients
-from minidiff.utils import append_dims
+from minidiff.utils import append_dims, check_tensor
 
 __all__ = [
     "Parameterization", "PARAMETERIZATIONS", "PREDICTIONS", "get_parameterization",
@@ -178,6 +178,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """x0_hat = D(x, sigma, **cond), converted from the net's parameterization."""
+        check_tensor("x", x, shape_doc="(B, C, H, W)")
         sigma = check_sigma(x, sigma)
         if not self.parameterization.zero_snr_ok and torch.isinf(sigma).any():
             raise ValueError(_EPS_AT_ZERO_SNR)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from minidiff.schedules import vp_coefficients
-from minidiff.utils import append_dims, randn
+from minidiff.utils import append_dims, check_tensor, randn
 
 __all__ = ["q_sample", "q_sample_sigma", "forward_trajectory", "check_timesteps", "check_sigma"]
 
@@ -48,6 +48,8 @@ def check_sigma(x: torch.Tensor, sigma) -> torch.Tensor:
 
 
 def _check_noise(x0: torch.Tensor, noise: torch.Tensor) -> None:
+    check_tensor("x0", x0, shape_doc="(B, ...)")
+    check_tensor("noise", noise, shape_doc="like x0")
     if noise.shape != x0.shape:
         raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
 
@@ -76,6 +78,7 @@ def forward_trajectory(x0: torch.Tensor, alphas_cumprod: torch.Tensor, ts, *,
 
     Sharing eps makes the picture fade smoothly from x_0 to noise, which is what a student wants to see.
     """
+    check_tensor("x0", x0, shape_doc="(B, ...)")
     ts = torch.as_tensor(ts, dtype=torch.int64).reshape(-1)
     noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     B = x0.shape[0]

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.schedules import vp_coefficients
-from minidiff.utils import check_finite, check_generator, get_device, randn
+from minidiff.utils import check_generator, check_tensor, get_device, randn
 
 __all__ = ["sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
            "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "SAMPLERS", "get_sampler", "sample", "VARIANCES"]
@@ -85,9 +85,7 @@ def _noise(x: torch.Tensor, generator, noise_sampler):
 
 def _prepare(x, sigmas, extra_args, callback) -> tuple[list[float], list[float], list[float], dict]:
     """Check the sampler inputs; return per-level Python floats (s, a, b) in float64 and the cond dict."""
-    if not isinstance(x, torch.Tensor) or x.ndim < 1:
-        raise ValueError(f"x must be a tensor of shape (B, ...), got {type(x).__name__}")
-    check_finite("x", x)
+    check_tensor("x", x, shape_doc="(B, ...)")
     s = _check_sigmas(sigmas)
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"extra_args must be a dict of keyword tensors or None, got {type(extra_args).__name__}")
@@ -297,6 +295,9 @@ def sample(denoiser, shape, sigmas, *, sampler="dpmpp_2m", generator=None, devic
            callback=None, progress=False, **options):
     """Draw x ~ N(0, I) of ``shape`` (with ``generator``) and run the named sampler over ``sigmas``."""
     fn = get_sampler(sampler)
+    if isinstance(shape, int) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) \
+            or len(shape) < 2:
+        raise ValueError(f"shape must be a tuple of positive ints (B, C, H, W) for images, got {shape!r}")
     device = torch.device(device) if device is not None else get_device()
     x = randn(shape, generator=generator, device=device)
     return fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,

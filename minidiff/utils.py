@@ -17,7 +17,7 @@ import os
 import torch
 
 __all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
-           "check_generator"]
+           "check_generator", "check_tensor"]
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -71,6 +71,31 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite, got {n_bad} NaN/inf values out of {x.numel()}")
     return x
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, min_ndim: int = 1, channels: int | None = None,
+                 shape_doc: str = "(B, C, H, W)") -> torch.Tensor:
+    """The one boundary check for image-like inputs (docs/DESIGN.md, "Validation"): ``x`` must be a floating-point
+    torch.Tensor (float16, bfloat16, float32 or float64; computations keep its dtype), with ``ndim`` dims (or at
+    least ``min_ndim``), ``channels`` channels on axis 1 if given, and no NaN or inf. Integer images (e.g. uint8 in
+    0..255) are refused rather than silently converted: scale them to [-1, 1] first, ``x.float() / 127.5 - 1``."""
+    if not isinstance(x, torch.Tensor):
+        hint = "torch.as_tensor(x, dtype=torch.float32)" if hasattr(x, "__array__") or isinstance(x, (list, tuple)) \
+            else "a torch.Tensor"
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}; convert with {hint}")
+    if not x.is_floating_point():
+        hint = " (images in 0..255? use x.float() / 127.5 - 1 for the course's [-1, 1] range)" if x.dtype == torch.uint8 \
+            else " (convert with x.float())"
+        raise ValueError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                         f"got {x.dtype}{hint}")
+    if (ndim is not None and x.ndim != ndim) or x.ndim < min_ndim:
+        want = f"{ndim} dims {shape_doc}" if ndim is not None else f"at least {min_ndim} dims {shape_doc}"
+        extra = " (a single image? add the batch axis with x[None]; a grey image without a channel axis? " \
+                "x[:, None])" if ndim is not None and x.ndim == ndim - 1 else ""
+        raise ValueError(f"{name} must have {want}, got shape {tuple(x.shape)}{extra}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s) on axis 1 {shape_doc}, got shape {tuple(x.shape)}")
+    return check_finite(name, x)
 
 
 def check_generator(generator) -> torch.Generator | None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from minidiff.models.attention import AttentionBlock
 from minidiff.models.layers import Downsample, ResBlock, Upsample, timestep_embedding
+from minidiff.utils import check_tensor
 
 __all__ = ["UNetConfig", "UNet", "PRESETS", "unet_from_preset"]
 
@@ -186,6 +187,9 @@ class UNet(nn.Module):
     def _check_labels(self, class_labels: torch.Tensor, batch: int) -> torch.Tensor:
         """Raise unless class_labels is int64 (batch,) with values in 0..num_classes (num_classes = null)."""
         n = self.config.num_classes
+        if not isinstance(class_labels, torch.Tensor):
+            raise ValueError(f"class_labels must be an int64 torch.Tensor of shape ({batch},), got "
+                             f"{type(class_labels).__name__}; convert with torch.as_tensor(labels, dtype=torch.int64)")
         if class_labels.shape != (batch,) or class_labels.dtype != torch.long:
             raise ValueError(f"class_labels must be int64 of shape ({batch},), got {class_labels.dtype} {tuple(class_labels.shape)}")
         if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) > n):
@@ -210,6 +214,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, class_labels: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict a tensor like x (B, C, H, W) from x and continuous timesteps t (B,) in [0, T)."""
+        check_tensor("x", x, ndim=4, channels=self.config.in_channels)
         B, _, H, W = x.shape
         self._check_context(context, context_mask, B)
         emb = self._embed(torch.as_tensor(t, device=x.device), class_labels, B)

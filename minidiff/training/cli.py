@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minidiff.training.loop import TrainConfig
+from minidiff.training.rundir import check_out_dir
 
 __all__ = ["main", "export_run", "parse_args"]
 
@@ -68,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--export", default=None, metavar="PATH", help="after training, export the EMA model to PATH")
     parser.add_argument("--export-dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     _add_config_args(parser)
     return parser.parse_args(argv)
 
@@ -131,10 +134,26 @@ def _export_main(argv) -> None:
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) and model card {path.with_suffix('.json')}")
 
 
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)  # CheckpointError is a ValueError
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        return _export_main(argv[1:])
+    """``python -m minidiff.train``: a user error prints one line (what is wrong, what to do) and exits with 2;
+    ``--debug`` or MINIDIFF_DEBUG=1 shows the full traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _export_main(argv[1:]) if argv and argv[0] == "export" else _train_main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"python -m minidiff.train: error: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train_main(argv) -> None:
     from minidiff.training.loop import train
 
     args = parse_args(argv)
@@ -142,6 +161,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     out = Path(args.out)
+    check_out_dir(out)  # before anything is printed, loaded or built
     if args.resume:
         ckpt = out / "checkpoint.safetensors"
         print(f"resuming {ckpt}" if ckpt.exists() else f"--resume: no checkpoint at {ckpt}, starting from step 0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,18 +16,19 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from minidiff.data.datasets import load_dataset
+from minidiff.data.datasets import DATASETS, load_dataset
 from minidiff.denoiser import PREDICTIONS, Denoiser
 from minidiff.files import hardware_info
 from minidiff.guidance import CFGDenoiser
-from minidiff.models.unet import unet_from_preset
-from minidiff.samplers import sample
-from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
+from minidiff.models.unet import PRESETS, unet_from_preset
+from minidiff.samplers import SAMPLERS, sample
+from minidiff.schedules import SCHEDULES, alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from minidiff.training.rundir import RunLockedError, acquire_lock, check_out_dir
 from minidiff.training.steps import EMA, make_optimizer, train_step, validation_loss
 from minidiff.utils import get_device
 
-__all__ = ["TrainConfig", "train", "build_model", "make_alphas_cumprod", "sample_grid"]
+__all__ = ["TrainConfig", "train", "build_model", "make_alphas_cumprod", "sample_grid", "RunLockedError"]
 
 
 @dataclass
@@ -63,15 +64,39 @@ class TrainConfig:
     RESUMABLE = ("steps", "sample_every", "ckpt_every", "val_every", "sampler", "sample_steps", "sample_guidance")
 
     def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        """Validate every field at once, so a bad value fails before any data is loaded or a model is built."""
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        _check_choice("prediction", self.prediction, PREDICTIONS)
+        _check_choice("schedule", self.schedule, tuple(SCHEDULES))
+        _check_choice("sampler", self.sampler, tuple(SAMPLERS))
         for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps", "val_every", "val_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_steps > self.T:
+            raise ValueError(f"sample_steps must be <= T = {self.T} (one sampling step per training timestep at most), "
+                             f"got {self.sample_steps}")
         if self.steps < 0 or self.warmup < 0:
             raise ValueError(f"steps and warmup must be >= 0, got steps={self.steps}, warmup={self.warmup}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0.0 <= self.ema_decay < 1.0 or not self.max_grad_norm > 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1 and max_grad_norm > 0, got lr={self.lr}, "
+                             f"weight_decay={self.weight_decay}, ema_decay={self.ema_decay}, "
+                             f"max_grad_norm={self.max_grad_norm}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
+        if not isinstance(self.unet, dict):
+            raise ValueError(f"unet must be a dict of UNetConfig overrides, got {type(self.unet).__name__}")
+        try:
+            replace(PRESETS[self.preset], **self.unet)
+        except TypeError as err:
+            raise ValueError(f"unet overrides {self.unet} are not UNetConfig fields: {err}") from None
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def build_model(config: TrainConfig, channels: int, num_classes: int):
@@ -220,9 +245,19 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, da
     ``load_dataset(config.dataset)``; ``val_data`` the images of the validation loss (see ``_validation_set``).
     """
     device = device if isinstance(device, torch.device) else get_device(device)
+    check_out_dir(Path(out_dir))
+    lock = acquire_lock(Path(out_dir))
+    try:
+        return _train(config, Path(out_dir), resume, device, data, val_data, progress, command)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, progress, command) -> dict:
+    """The loop of ``train`` (called with the run folder locked)."""
     val_set = _validation_set(config, data, val_data)
     data = data if data is not None else load_dataset(config.dataset)
-    run = _start(config, data, device, Path(out_dir), resume, command)
+    run = _start(config, data, device, out_dir, resume, command)
     run["val_set"] = val_set
     autocast = torch.bfloat16 if device.type == "cuda" else None
     bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
