@@ -1,4 +1,5 @@
-"""Pretrained loader: round trip through a weights folder, unknown names, damaged files, shipped models."""
+"""Pretrained loader: round trip through a weights folder, unknown names, damaged files, shipped models, and a
+quality floor on the shipped class-conditional model that a broken model cannot pass."""
 import json
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 from minidiff import pretrained
 from minidiff.denoiser import Denoiser
+from minidiff.eval import class_accuracy, load_classifier
+from minidiff.guidance import CFGDenoiser
 from minidiff.models.unet import unet_from_preset
 from minidiff.samplers import sample
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
@@ -78,3 +81,60 @@ def test_every_shipped_model_loads_and_samples(name):
     x = sample(denoiser, (2, c.in_channels, 28, 28), sampling_sigmas(denoiser.alphas_cumprod, 4, "leading"),
                generator=torch.Generator().manual_seed(0), device="cpu", extra_args=extra)
     assert x.shape == (2, c.in_channels, 28, 28) and torch.isfinite(x).all()
+
+
+# ----------------------------------------------------------------------------- quality floor of the shipped model
+# 4 samples per class x 10 classes, DPM-Solver++(2M), 20 trailing steps, guidance 3: the model card's row for these
+# settings has class accuracy 0.965 (n = 200). At n = 40 the binomial sd at p = 0.965 is 0.029, so the floor 0.7 is
+# 9 sd below it: P(accuracy < 0.7) = P(X <= 27 | n = 40, p = 0.965) = 6e-10 (and 4e-3 even for a model at 0.85).
+# A model that has lost its classes scores about chance, 0.1: P(X >= 28 | n = 40, p = 0.1) < 1e-15; even at
+# p = 0.3 it is 2e-7. The sampling is seeded, so the value is the same on every run (0.975 when written).
+PER_CLASS, STEPS, GUIDANCE, FLOOR = 4, 20, 3.0, 0.7
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier("fashion-mnist")
+
+
+def guided_class_accuracy(denoiser, classifier) -> float:
+    """Class accuracy of PER_CLASS seeded samples of each class, DPM-Solver++(2M) over STEPS trailing sigmas with
+    classifier-free guidance GUIDANCE against the null class (id K = denoiser.num_classes)."""
+    K = denoiser.num_classes
+    labels = torch.arange(K).repeat(PER_CLASS)
+    guided = CFGDenoiser(denoiser, GUIDANCE, uncond={"class_labels": torch.tensor(K)})
+    images = sample(guided, (len(labels), 1, 28, 28), sampling_sigmas(denoiser.alphas_cumprod, STEPS),
+                    sampler="dpmpp_2m", generator=torch.Generator().manual_seed(0), device="cpu",
+                    extra_args={"class_labels": labels})
+    assert images.shape == (len(labels), 1, 28, 28) and torch.isfinite(images).all()
+    return class_accuracy(classifier, images, labels)
+
+
+def test_shipped_conditional_model_draws_the_class_it_is_asked_for(classifier):
+    """The shipped classifier recognises the requested class in at least 70% of 40 guided samples (4 per class):
+    clipped noise, blobs, or good garments of the wrong class all score near chance (10%) instead."""
+    denoiser = pretrained.load("fashion-mnist-cond")
+    assert denoiser.num_classes == 10
+    accuracy = guided_class_accuracy(denoiser, classifier)
+    assert accuracy >= FLOOR, f"class accuracy {accuracy:.3f} < {FLOOR} (model card: 0.965 at n = 200)"
+
+
+def _zero_all_weights(net):
+    for p in net.parameters():
+        p.zero_()  # eps_hat = 0: x0_hat is the clipped noisy input at every step
+
+
+def _zero_class_embedding(net):
+    net.class_emb.weight.zero_()  # every class, and the null class, look alike: an unconditional model, CFG a no-op
+
+
+@pytest.mark.parametrize("breakage", [_zero_all_weights, _zero_class_embedding], ids=["zeroed", "labels-ignored"])
+def test_quality_floor_fails_a_broken_model(classifier, breakage):
+    """The floor can fail: the same metric on the shipped model with its weights zeroed (it then samples clipped
+    noise, which still has the right shape and range) or with its class embedding zeroed (images with no class)
+    falls below it."""
+    denoiser = pretrained.load("fashion-mnist-cond")
+    with torch.no_grad():
+        breakage(denoiser.net)
+    accuracy = guided_class_accuracy(denoiser, classifier)
+    assert accuracy < FLOOR, f"a broken model reached class accuracy {accuracy:.3f} >= {FLOOR}"
