@@ -23,9 +23,18 @@ def empty_root(tmp_path, monkeypatch):
     data.clear_cache()
 
 
+@pytest.fixture
+def default_root(tmp_path, monkeypatch):
+    """$MINIDIFF_DATA points at an empty folder: without root=, Debian's folder is searched too."""
+    monkeypatch.setenv("MINIDIFF_DATA", str(tmp_path))
+    data.clear_cache()
+    yield tmp_path
+    data.clear_cache()
+
+
 @needs_fashion
-def test_fashion_mnist_from_debian_files(tmp_path):
-    ds = data.load_dataset("fashion-mnist", "train", root=tmp_path, download=False)
+def test_fashion_mnist_from_debian_files(default_root):
+    ds = data.load_dataset("fashion-mnist", "train", download=False)
     assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.float32
     assert ds.labels.dtype == torch.int64 and len(ds) == 60000
     assert ds.images.min() == -1.0 and ds.images.max() == 1.0
@@ -33,15 +42,15 @@ def test_fashion_mnist_from_debian_files(tmp_path):
     assert len(ds.class_names) == 10 and ds.name == "fashion-mnist" and not ds.stand_in
     image, label = ds[0]
     assert image.shape == (1, 28, 28) and int(label) == 9 and ds.class_names[9] == "Ankle boot"
-    test = data.load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
-    assert test.images.shape == (10000, 1, 28, 28)
+    test = data.load_dataset("fashion-mnist", "test", download=False)
+    assert test.images.shape == (10000, 1, 28, 28) and test.source.startswith(str(data.DEBIAN_FASHION_MNIST_DIR))
 
 
 @needs_fashion
-def test_cache_returns_fresh_tensors(tmp_path):
-    a = data.load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
+def test_cache_returns_fresh_tensors(default_root):
+    a = data.load_dataset("fashion-mnist", "test", download=False)
     a.images.zero_()  # a notebook scribbling on its copy must not corrupt the next load
-    b = data.load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
+    b = data.load_dataset("fashion-mnist", "test", download=False)
     assert b.images.min() == -1.0 and b.images.max() == 1.0
 
 
@@ -69,9 +78,10 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "cifar10"])
-def test_missing_data_error_says_how_to_get_it(name, empty_root):
+def test_missing_data_error_says_how_to_get_it(name, empty_root, monkeypatch):
+    monkeypatch.setenv("MINIDIFF_DATA", str(empty_root))  # the default root, so Debian's folder is suggested too
     with pytest.raises(FileNotFoundError) as info:
-        data.load_dataset(name, root=empty_root, download=False)
+        data.load_dataset(name, download=False)
     msg = str(info.value)
     assert str(empty_root) in msg and "download=True" in msg
     if name == "fashion-mnist":
@@ -123,8 +133,9 @@ def test_smoke_mode_stand_in_warns_and_matches_shape(name, shape, empty_root, mo
 
 def test_without_smoke_mode_missing_data_is_never_substituted(empty_root, monkeypatch):
     monkeypatch.setenv("MINIDIFF_SMOKE", "0")
+    monkeypatch.setenv("MINIDIFF_DATA", str(empty_root))
     with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
-        data.load_dataset("fashion-mnist", root=empty_root, download=False)
+        data.load_dataset("fashion-mnist", download=False)
 
 
 def test_failed_download_says_how_to_get_the_data(empty_root, monkeypatch):
@@ -137,7 +148,7 @@ def test_failed_download_says_how_to_get_the_data(empty_root, monkeypatch):
 
 
 @needs_fashion
-def test_smoke_mode_still_uses_real_data_when_present(tmp_path, monkeypatch):
+def test_smoke_mode_still_uses_real_data_when_present(default_root, monkeypatch):
     monkeypatch.setenv("MINIDIFF_SMOKE", "1")
-    ds = data.load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
+    ds = data.load_dataset("fashion-mnist", "test", download=False)
     assert not ds.stand_in and ds.images.shape == (10000, 1, 28, 28)

@@ -157,3 +157,47 @@ def test_cli_out_that_is_a_file_and_debug_traceback(tmp_path):
 def test_shipped_model_rejects_a_single_image_with_a_hint():
     with pytest.raises(ValueError, match="add the batch axis"):
         pretrained.load("fashion-mnist-cond")(torch.zeros(1, 28, 28), torch.ones(1))
+
+
+def test_explicit_root_is_honoured_and_a_damaged_file_is_named(tmp_path, monkeypatch):
+    import shutil
+
+    from minidiff.data import load_dataset
+    from minidiff.data.datasets import DEBIAN_FASHION_MNIST_DIR, clear_cache
+
+    if not (DEBIAN_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    monkeypatch.delenv("MINIDIFF_SMOKE", raising=False)  # smoke mode would substitute a stand-in
+    clear_cache()
+    with pytest.raises(FileNotFoundError, match="was not found") as err:
+        load_dataset("fashion-mnist", "test", root=tmp_path, download=False)  # the Debian copy is not used
+    assert str(DEBIAN_FASHION_MNIST_DIR) not in str(err.value)
+    for f in DEBIAN_FASHION_MNIST_DIR.glob("t10k-*"):
+        shutil.copy(f, tmp_path / f.name)
+    ds = load_dataset("fashion-mnist", "test", root=tmp_path)
+    assert ds.source == str(tmp_path / "t10k-images-idx3-ubyte.gz") and str(tmp_path) in repr(ds)
+    clear_cache()
+    image_file = tmp_path / "t10k-images-idx3-ubyte.gz"
+    image_file.write_bytes(image_file.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz is damaged.*delete it"):
+        load_dataset("fashion-mnist", "test", root=tmp_path)
+    clear_cache()
+
+
+def test_edited_model_spec_names_the_file(tmp_path):
+    import json
+
+    from minidiff.files import CheckpointError, read_safetensors, write_safetensors
+    from minidiff.training.checkpoint import load_model, save_model
+
+    path = save_model(tmp_path / "m.safetensors", _denoiser())
+    tensors, meta = read_safetensors(path)
+    for spec, pattern in [("{not json", "spec is not valid JSON"),
+                          (json.dumps({**json.loads(meta["spec"]), "unet": {**json.loads(meta["spec"])["unet"],
+                                                                             "base_channels": 16}}),
+                           "weights do not fit the architecture"),
+                          (json.dumps({**json.loads(meta["spec"]), "unet": {"widht": 1}}), "spec is not a valid")]:
+        meta.pop("sha256", None)
+        write_safetensors(path, tensors, {**meta, "spec": spec})
+        with pytest.raises(CheckpointError, match=rf"m\.safetensors.*{pattern}"):
+            load_model(path)

@@ -54,14 +54,15 @@ _TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
-# (name, split, root) -> (uint8 images (N, C, H, W), int64 labels (N,)); float copies are made per call.
-_CACHE: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+# (name, split, root) -> (uint8 images (N, C, H, W), int64 labels (N,), source); float copies are made per call.
+_CACHE: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, str]] = {}  # + the source path
 
 
 class ImageDataset(Dataset):
     """An in-memory labelled image dataset: ``.images`` float32 (N, C, H, W) in [-1, 1], ``.labels`` int64 (N,)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names, name: str, *, stand_in: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names, name: str, *, stand_in: bool = False,
+                 source: str | None = None):
         if images.ndim != 4 or labels.shape != images.shape[:1]:
             raise ValueError(f"images must be (N, C, H, W) and labels (N,), got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -70,6 +71,7 @@ class ImageDataset(Dataset):
         self.class_names = tuple(class_names)
         self.name = name
         self.stand_in = stand_in  # True when this is a smoke-mode substitute, not the real data
+        self.source = source  # the file or folder the images were read from
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -79,8 +81,9 @@ class ImageDataset(Dataset):
 
     def __repr__(self) -> str:
         kind = ", stand-in" if self.stand_in else ""
+        where = f", from {self.source}" if self.source else ""
         return (f"ImageDataset({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:])}, "
-                f"classes={len(self.class_names)}{kind})")
+                f"classes={len(self.class_names)}{kind}{where})")
 
 
 def default_root() -> Path:
@@ -105,35 +108,39 @@ def _check_args(name: str, split: str) -> None:
 def load_dataset(name: str, split: str = "train", *, root=None, download: bool = True) -> ImageDataset:
     """Load MNIST, Fashion-MNIST or CIFAR-10 as an in-memory ``ImageDataset`` scaled to [-1, 1]."""
     _check_args(name, split)
-    root = Path(root).expanduser() if root is not None else default_root()
+    explicit_root = root is not None
+    root = Path(root).expanduser() if explicit_root else default_root()
     key = (name, split, str(root))
     if key not in _CACHE:
-        found = _load_local(name, split, root)
+        found = _load_local(name, split, root, explicit_root=explicit_root)
         if found is None and smoke_mode():
             return _stand_in(name, split, root)  # not cached: it warns on every call
         if found is None:
-            found = _download_or_explain(name, split, root, download)
+            found = (*_download_or_explain(name, split, root, download, explicit_root), str(root))
         _CACHE[key] = found
-    images_u8, labels = _CACHE[key]
+    images_u8, labels, source = _CACHE[key]
     images = images_u8.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> float32 [-1, 1]
-    return ImageDataset(images, labels.clone(), CLASS_NAMES[name], name)
+    return ImageDataset(images, labels.clone(), CLASS_NAMES[name], name, source=source)
 
 
-def _download_or_explain(name: str, split: str, root: Path, download: bool):
+def _download_or_explain(name: str, split: str, root: Path, download: bool, explicit_root: bool = False):
     """Download the dataset, or raise an error that says how to get it."""
+    message = _missing_message(name, split, root, explicit_root)
     if not download:
-        raise FileNotFoundError(_missing_message(name, split, root))
+        raise FileNotFoundError(message)
     try:
         return _download(name, split, root)
     except (OSError, RuntimeError) as err:  # no network, server down, disk full...
-        raise FileNotFoundError(_missing_message(name, split, root) + f"\nThe download failed with: {err!r}") from err
+        raise FileNotFoundError(message + f"\nThe download failed with: {err!r}") from err
 
 
 # ---------------------------------------------------------------- finding and reading files
 
-def _idx_dirs(name: str, root: Path) -> list[Path]:
+def _idx_dirs(name: str, root: Path, *, explicit_root: bool = False) -> list[Path]:
+    """Folders searched for IDX files: ``root`` and its usual subfolders, and Debian's folder for Fashion-MNIST
+    unless the caller gave ``root=`` explicitly (an explicit root is honoured: nothing else is searched)."""
     dirs = [root, root / name, root / _TORCHVISION_DIRS[name] / "raw"]
-    if name == "fashion-mnist":
+    if name == "fashion-mnist" and not explicit_root:
         dirs.append(DEBIAN_FASHION_MNIST_DIR)
     return dirs
 
@@ -150,8 +157,12 @@ def read_idx(path) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format, optionally gzipped) of unsigned bytes into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and download the dataset "
+                         "again (load_dataset downloads what is missing), or reinstall the Debian package") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic bytes {data[:4]!r})")
     ndim = data[3]
@@ -162,13 +173,18 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def _load_local(name: str, split: str, root: Path):
+def _load_local(name: str, split: str, root: Path, *, explicit_root: bool = False):
     """(uint8 images (N, C, H, W), int64 labels) from files on disk, or None if they are not there."""
     if name == "cifar10":
         if not (root / _CIFAR_DIR).is_dir():
             return None
-        return _load_cifar(root, split, download=False)
-    dirs = _idx_dirs(name, root)
+        try:
+            return (*_load_cifar(root, split, download=False), str(root / _CIFAR_DIR))
+        except (RuntimeError, OSError, EOFError, ValueError) as err:  # half-extracted or damaged batches
+            raise ValueError(f"{root / _CIFAR_DIR} is incomplete or damaged ({type(err).__name__}: {err}); delete "
+                             f"that folder and load again to download CIFAR-10, or extract {_CIFAR_URL} into "
+                             f"{root} completely") from err
+    dirs = _idx_dirs(name, root, explicit_root=explicit_root)
     image_file, label_file = (_find_file(dirs, stem) for stem in IDX_FILES[split])
     if image_file is None or label_file is None:
         return None
@@ -176,7 +192,7 @@ def _load_local(name: str, split: str, root: Path):
     labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{image_file} has {images.shape[0]} images but {label_file} has {labels.shape[0]} labels")
-    return images, labels
+    return images, labels, str(image_file)
 
 
 def _load_cifar(root: Path, split: str, download: bool):
@@ -199,7 +215,7 @@ def _download(name: str, split: str, root: Path):
     return ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64)
 
 
-def _missing_message(name: str, split: str, root: Path) -> str:
+def _missing_message(name: str, split: str, root: Path, explicit_root: bool = False) -> str:
     """Say exactly what to install, or which files to put where."""
     lines = [f"Dataset {name!r} ({split} split) was not found on this machine."]
     if name == "cifar10":
@@ -207,9 +223,9 @@ def _missing_message(name: str, split: str, root: Path) -> str:
         lines.append(f"  - download {_CIFAR_URL} and extract it into {root} (giving {root / _CIFAR_DIR}/data_batch_1 ...);")
     else:
         files = ", ".join(f"{stem}.gz" for stem in IDX_FILES[split])
-        dirs = ", ".join(str(d) for d in _idx_dirs(name, root))
+        dirs = ", ".join(str(d) for d in _idx_dirs(name, root, explicit_root=explicit_root))
         lines.append(f"Looked for {files} (gzipped or not) in: {dirs}. To fix, do one of:")
-        if name == "fashion-mnist":
+        if name == "fashion-mnist" and not explicit_root:
             lines.append("  - on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist "
                          f"(installs the files into {DEBIAN_FASHION_MNIST_DIR});")
         lines.append(f"  - put {files} into {root};")

@@ -152,10 +152,22 @@ def load_model(path, *, device=None, clip_x0: bool = False):
     from minidiff.models.unet import UNet, UNetConfig
 
     tensors, metadata = read_safetensors(path, expect_format=MODEL_FORMAT)
-    spec = json.loads(metadata["spec"])
-    net = UNet(UNetConfig(**spec["unet"]))
+    try:
+        spec = json.loads(metadata["spec"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: its model spec is not valid JSON ({err}); the file was edited or damaged: "
+                              "re-export it from its run, or reinstall minidiff for a shipped model") from None
+    try:
+        net = UNet(UNetConfig(**spec["unet"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its spec is not a valid UNetConfig ({err}); re-export the model") from None
     weights = {k: v.float() if v.dtype.is_floating_point else v for k, v in _unprefixed("net.", tensors).items()}
-    net.load_state_dict(weights)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"{path}: the weights do not fit the architecture in its spec ({first}); the spec "
+                              "was edited: re-export the model") from None
     denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0,
                         image_shape=spec.get("image_shape"))
     return denoiser.to(device or "cpu").eval()
