@@ -12,12 +12,14 @@ Notation used across the library (see docs/DESIGN.md):
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 
 __all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
-           "check_generator", "check_tensor"]
+           "check_generator", "check_tensor", "command_line"]
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -121,3 +123,26 @@ def randn(shape, *, generator: torch.Generator | None = None, device=None, dtype
 def rand(shape, *, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
     """U[0, 1) draws of ``shape``, with the device rule of ``randn``."""
     return _draw(torch.rand, shape, generator, device, dtype)
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)  # CheckpointError is a ValueError
+
+
+def command_line(prog: str):
+    """Decorator for a ``main(argv=None)``: a user error prints one line (what is wrong, what to do) on stderr and
+    exits with status 2; ``--debug`` in argv or MINIDIFF_DEBUG=1 shows the full traceback instead."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            debug = "--debug" in argv or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")
+            try:
+                return main([a for a in argv if a != "--debug"])
+            except USER_ERRORS as err:
+                if debug:
+                    raise
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+                print(f"{prog}: error: {msg} (run with --debug for the traceback)", file=sys.stderr)
+                raise SystemExit(2) from None
+        return run
+    return wrap

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import nbformat
 
+from minidiff.utils import command_line
+
 __all__ = ["MarkerError", "strip_source", "make_exercise", "build", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +105,7 @@ def build(solutions: Path = ROOT / "solutions", exercises: Path = ROOT / "exerci
     return problems
 
 
+@command_line("python -m minidiff.assignments")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minidiff.assignments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,6 +26,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from minidiff.course import checks
+from minidiff.utils import command_line
 
 __all__ = ["grade_notebook", "grade_all", "main"]
 
@@ -263,6 +264,7 @@ def grade_all(paths, out: Path, *, timeout: float = 120, cell_timeout: int = 60)
     return reports
 
 
+@command_line("python -m minidiff.grade")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minidiff.grade", description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path, help="submitted .ipynb files")

@@ -29,6 +29,7 @@ from minidiff.eval.classifiers import (
     training_data,
 )
 from minidiff.files import hardware_info
+from minidiff.utils import command_line
 
 __all__ = ["train_classifier", "RECIPES", "calibrate_feature_scale", "write_model_card", "main"]
 
@@ -131,6 +132,7 @@ def _calibrate_command(args) -> None:
     _finish(load_classifier(path), path, args.dataset, keep, half=half)
 
 
+@command_line("python -m minidiff.eval.classifier_training")
 def main(argv=None) -> None:
     """Command line: ``python -m minidiff.eval.classifier_training train|calibrate --dataset fashion-mnist|shapes|mnist|cifar10``."""
     parser = argparse.ArgumentParser(prog="python -m minidiff.eval.classifier_training",

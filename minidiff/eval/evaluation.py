@@ -24,7 +24,7 @@ from minidiff.eval.classifiers import extract_features, load_classifier, trainin
 from minidiff.guidance import CFGDenoiser
 from minidiff.samplers import get_sampler
 from minidiff.schedules import SAMPLING_SPACINGS, sampling_sigmas
-from minidiff.utils import get_device
+from minidiff.utils import command_line, get_device
 
 __all__ = ["Generated", "generate", "real_features", "evaluate", "format_table", "main"]
 
@@ -153,6 +153,7 @@ def _load_denoiser(name_or_path: str, device):
     return load(name_or_path, device=device)
 
 
+@command_line("python -m minidiff.evaluate")
 def main(argv=None) -> dict:
     """Command line: generate, score, print the table (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m minidiff.evaluate", description=__doc__.splitlines()[0])

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 from minidiff.training.loop import TrainConfig
 from minidiff.training.rundir import check_out_dir
+from minidiff.utils import command_line
 
 __all__ = ["main", "export_run", "parse_args"]
 
@@ -134,23 +133,10 @@ def _export_main(argv) -> None:
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) and model card {path.with_suffix('.json')}")
 
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)  # CheckpointError is a ValueError
-
-
+@command_line("python -m minidiff.train")
 def main(argv=None) -> None:
-    """``python -m minidiff.train``: a user error prints one line (what is wrong, what to do) and exits with 2;
-    ``--debug`` or MINIDIFF_DEBUG=1 shows the full traceback instead."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        return _export_main(argv[1:]) if argv and argv[0] == "export" else _train_main(argv)
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"python -m minidiff.train: error: {msg} (run with --debug for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+    """``python -m minidiff.train [export]``; user errors: one line, status 2 (see ``utils.command_line``)."""
+    return _export_main(argv[1:]) if argv and argv[0] == "export" else _train_main(argv)
 
 
 def _train_main(argv) -> None:
