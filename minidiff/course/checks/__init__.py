@@ -22,11 +22,21 @@ import os
 import signal
 import threading
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from minidiff.course.checks.diagnose import (
+    ReferenceCalled,
+    describe_difference,
+    extra_noise,
+    library_step,
+    reference_codes,
+    trace_references,
+    with_helpers,
+)
 
 __all__ = ["CheckResult", "Task", "TASKS", "task", "check", "run_task", "regrade", "tasks_for",
            "Mismatch", "call", "expect", "extra_noise", "library_step", "LOG_ENV"]
@@ -61,17 +71,23 @@ class Task:
     points: float
     run: Callable[[Callable], str]  # returns the PASS message, raises Mismatch (or a student error)
     references: tuple[str, ...]  # qualified names of library functions the student must not simply call
+    helpers: dict = field(default_factory=dict)  # name of another task's function -> its reference implementation
 
 
 TASKS: dict[str, Task] = {}
 
 
-def task(name: str, *, func: str, points: float, references: tuple[str, ...] = ()):
-    """Register the decorated ``run(student_fn) -> pass message`` as the check of task ``name``."""
+def task(name: str, *, func: str, points: float, references: tuple[str, ...] = (), helpers: dict | None = None):
+    """Register the decorated ``run(student_fn) -> pass message`` as the check of task ``name``.
+
+    ``helpers`` names the student's functions from earlier tasks that this one may call, with their reference
+    implementations: when the task fails, it is re-run with the references in place, to tell a bug in the helper
+    from a bug in this function.
+    """
     def register(run):
         if name in TASKS:
             raise ValueError(f"task {name!r} is registered twice")
-        TASKS[name] = Task(name, func, points, run, references)
+        TASKS[name] = Task(name, func, points, run, references, dict(helpers or {}))
         return run
     return register
 
@@ -120,7 +136,8 @@ def call(fn, *args, hint: str = "", **kwargs):
     """Call the student's ``fn``; turn its exceptions into StudentError/NotAttempted; reject in-place edits."""
     before = [(n, a.detach().clone()) for n, a in _arg_names(fn, args, kwargs) if torch.is_tensor(a)]
     try:
-        out = fn(*args, **kwargs)
+        with trace_references(_ACTIVE["codes"]):
+            out = fn(*args, **kwargs)
     except NotImplementedError as e:
         raise NotAttempted() from e
     except Exception as e:  # noqa: BLE001 -- any student exception becomes a report, never a crash
@@ -135,16 +152,21 @@ def call(fn, *args, hint: str = "", **kwargs):
     return out
 
 
+_ACTIVE = {"codes": {}}  # the reference functions of the task being run (set by run_task)
+
+
 # ----------------------------------------------------------------------------- comparing answers
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
     return a.shape == b.shape and torch.allclose(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol)
 
 
 def expect(got, want: torch.Tensor, *, case: str, what: str = "output", wrong=(), rtol: float = 1e-5,
-           atol: float = 1e-5, dtype_hint: str = "") -> None:
+           atol: float = 1e-5, dtype_hint: str = "", probe=None) -> None:
     """Raise Mismatch unless ``got`` equals ``want``; if it matches a known wrong variant, say which.
 
-    ``wrong`` is a sequence of ``(message, value_or_thunk)``; thunks are only evaluated on a mismatch.
+    ``wrong`` is a sequence of ``(message, value_or_thunk)``; thunks are only evaluated on a mismatch. When no
+    variant and no generic diagnosis (``diagnose.describe_difference``) fits, ``probe()`` (e.g. a
+    ``probe_inputs`` call) may raise a Mismatch that names an ignored input, before the plain difference is reported.
     """
     if not torch.is_tensor(got):
         raise Mismatch(f"returns {type(got).__name__}, expected a tensor {what} [case: {case}]")
@@ -165,44 +187,14 @@ def expect(got, want: torch.Tensor, *, case: str, what: str = "output", wrong=()
     if bad.any():
         raise Mismatch(f"{what} has {int(bad.sum())} NaN/inf values where the reference is finite "
                        f"(a division by zero?) [case: {case}]")
+    description = describe_difference(got, want, rtol=rtol, atol=atol)
+    if description:
+        raise Mismatch(f"{what} {description} [case: {case}]")
+    if probe is not None:
+        probe()
     err = (got.detach().double() - want.detach().double()).abs().max().item()
-    raise Mismatch(f"wrong {what} [case: {case}]: max abs difference to the reference is {err:.3g}")
-
-
-def extra_noise(got, want: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
-    """``want + c * noise`` with c fitted to ``got``: a variant matching it means only the noise term is off."""
-    if not torch.is_tensor(got) or got.shape != want.shape:
-        return None
-    diff, z = (got.detach().double() - want.double()).flatten(), noise.double().flatten()
-    c = (diff @ z) / (z @ z)
-    return want + (c * noise.double()).to(want.dtype) if abs(c) > 1e-6 else None
-
-
-class _StopSampling(Exception):
-    pass
-
-
-def library_step(sampler, denoiser, x: torch.Tensor, sigma: float, sigma_next: float, **options) -> torch.Tensor:
-    """One step of a minidiff sampler from sigma to sigma_next (the reference for single-step tasks).
-
-    Samplers take a list ending in 0, so for sigma_next > 0 this runs [sigma, sigma_next, 0] and stops when the
-    callback reports the state before step 2 (the samplers' last step to 0 is special; it is not taken here).
-    """
-    levels = [sigma, 0.0] if sigma_next == 0 else [sigma, sigma_next, 0.0]
-    sigmas = torch.tensor(levels, dtype=torch.float64)
-    if sigma_next == 0:
-        return sampler(denoiser, x, sigmas, **options)
-    state = {}
-
-    def stop_after_first(info):
-        if info["i"] == 1:
-            state["x"] = info["x"]
-            raise _StopSampling
-    try:
-        sampler(denoiser, x, sigmas, callback=stop_after_first, **options)
-    except _StopSampling:
-        pass
-    return state["x"]
+    raise Mismatch(f"wrong {what} [case: {case}]: max abs difference to the reference is {err:.3g}, and it is "
+                   f"not one of the usual mistakes this check knows")
 
 
 # ----------------------------------------------------------------------------- running a task
@@ -258,8 +250,39 @@ def run_task(name: str, fn, *, time_limit: float | None = None) -> CheckResult:
     used = _calls_reference(fn, t.references)
     if used:
         return result("fail", f"your {t.func_name} uses the library's reference {used}; write it yourself")
+    _ACTIVE["codes"] = reference_codes(t.references)
+    try:
+        outcome = _run_checked(t, fn, time_limit, result)
+    finally:
+        _ACTIVE["codes"] = {}
+    if outcome.status in ("fail", "error") and t.helpers:
+        return _blame_helper(t, fn, time_limit, result) or outcome
+    return outcome
+
+
+def _blame_helper(t: Task, fn, time_limit, result) -> CheckResult | None:
+    """If ``fn`` passes with the reference helpers in place of the student's, say that the helper is wrong."""
+    patched = with_helpers(fn, t.helpers)
+    if patched is None:
+        return None
+    _ACTIVE["codes"] = reference_codes(t.references)
+    try:
+        again = _run_checked(t, patched, time_limit, result)
+    finally:
+        _ACTIVE["codes"] = {}
+    if again.status != "pass":
+        return None
+    used = ", ".join(n for n in t.helpers if n in fn.__code__.co_names)
+    return result("fail", f"your {used} is wrong (see its own check); with the reference {used} your "
+                          f"{t.func_name} passes, so fix {used} first")
+
+
+def _run_checked(t: Task, fn, time_limit, result) -> CheckResult:
     try:
         return result("pass", _with_time_limit(time_limit, t.run, fn))
+    except ReferenceCalled as e:
+        return result("fail", f"your {t.func_name} calls the library's reference {e.name} (found while running "
+                              f"it); the task is to write it yourself")
     except NotAttempted:
         return result("not attempted", f"{t.func_name} still raises NotImplementedError: replace the stub "
                                        f"`raise NotImplementedError()` with your code")

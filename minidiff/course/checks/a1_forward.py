@@ -11,6 +11,7 @@ import torch
 
 from minidiff import forward, schedules
 from minidiff.course.checks import call, expect, task
+from minidiff.course.checks.diagnose import probe_inputs
 
 F64 = torch.float64
 DTYPE_TABLE = "Schedule tables are float64: create them with dtype=torch.float64."
@@ -108,6 +109,12 @@ def check_q_sample(student) -> str:
     n = 0
     for case, (x0, t, noise, ab) in _q_sample_cases(torch.Generator().manual_seed(1)):
         n += 1
+        def probe(x0=x0, t=t, noise=noise, ab=ab, case=case):  # the given noise and t must drive the answer
+            probe_inputs(student, (x0, t, noise, ab), {}, {
+                2: (torch.randn(noise.shape, generator=torch.Generator().manual_seed(5)),
+                    "use the noise you are given; do not draw your own with torch.randn"),
+                1: ((t + 100) % len(ab), "x_t depends on the timestep t through alphas_cumprod[t]"),
+            }, forward.q_sample, call=call, case=case)
         got = call(student, x0, t, noise, ab,
                    hint="alphas_cumprod[t] has shape (B,): reshape it to (B, 1, 1, 1) to broadcast against x0, "
                         "e.g. with minidiff.append_dims(a, x0.ndim)")
@@ -117,7 +124,7 @@ def check_q_sample(student) -> str:
             shape = (-1,) + (1,) * (x0.ndim - 1)
             return c_x0.reshape(shape).to(x0) * x0 + c_noise.reshape(shape).to(x0) * noise
         a = ab[t]
-        expect(got, want, case=case, what="x_t", wrong=[
+        expect(got, want, case=case, what="x_t", probe=probe, wrong=[
             ("uses alphas_cumprod[t] where sqrt(alphas_cumprod[t]) is needed, and 1 - alphas_cumprod[t] where "
              "its sqrt is needed: compare the noise scale at t = 0", lambda: mix(a, 1 - a)),
             ("scales the noise by 1 - alphas_cumprod[t]; it must be sqrt(1 - alphas_cumprod[t]) (a standard "

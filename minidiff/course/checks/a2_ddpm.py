@@ -11,6 +11,7 @@ from torch import nn
 from minidiff import denoiser as denoiser_mod
 from minidiff import forward, losses, samplers, schedules
 from minidiff.course.checks import Mismatch, call, expect, extra_noise, library_step, task
+from minidiff.course.checks.diagnose import probe_inputs
 
 F64 = torch.float64
 
@@ -52,6 +53,15 @@ def check_ddpm_loss(student) -> str:
     n = 0
     for case, (net, x0, t, noise, ab) in _loss_cases(torch.Generator().manual_seed(2)):
         n += 1
+        def probe(net=net, x0=x0, t=t, noise=noise, ab=ab, case=case):
+            def reference(net, x0, t, noise, ab):
+                with torch.no_grad():
+                    return losses.diffusion_loss(net, x0, ab, "eps", t=t, noise=noise)
+            probe_inputs(student, (net, x0, t, noise, ab), {}, {
+                3: (torch.randn(noise.shape, generator=torch.Generator().manual_seed(6)),
+                    "the loss uses the noise you are given, in x_t and as the target; do not draw your own"),
+                2: ((t + 250) % len(ab), "the net must see the given timesteps t, and x_t is built at t"),
+            }, reference, call=call, case=case)
         got = call(student, net, x0, t, noise, ab)
         if isinstance(got, float):
             raise Mismatch(f"returns a Python float (.item()?): return the loss tensor so that loss.backward() "
@@ -65,7 +75,7 @@ def check_ddpm_loss(student) -> str:
         def mse(pred, target):
             return ((pred - target) ** 2).mean()
         with torch.no_grad():
-            expect(got, want, case=case, what="loss", rtol=1e-4, atol=1e-6, wrong=[
+            expect(got, want, case=case, what="loss", rtol=1e-4, atol=1e-6, probe=probe, wrong=[
                 ("regresses onto x0; for eps-prediction the target is the noise eps", lambda: mse(net(x_t, t), x0)),
                 ("feeds the clean x0 to the net; it must see the noisy x_t = q_sample(x0, t, noise, alphas_cumprod)",
                  lambda: mse(net(x0, t), noise)),
@@ -122,6 +132,13 @@ def check_ddpm_step(student) -> str:
         sigmas = schedules.sigmas_from_alphas_cumprod(schedules.alphas_cumprod_from_betas(betas))
         sigma, sigma_prev = sigmas[t].item(), (sigmas[t - 1].item() if t > 0 else 0.0)
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + n), dtype=x.dtype)
+        def probe(x=x, t=t, eps_hat=eps_hat, betas=betas, z=z, case=case):
+            if t > 0:
+                probe_inputs(student, (x, t, eps_hat, betas, z), {}, {
+                    4: (torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype),
+                        "for t > 0 the step adds the noise you are given, sqrt(beta_tilde_t) * noise"),
+                    2: (eps_hat + 0.5, "the mean of x_{t-1} subtracts beta_t / sqrt(1 - alpha_bar_t) * eps_hat"),
+                }, call=call, case=case)
         got = call(student, x, t, eps_hat, betas, z)
 
         def denoiser(x_in, s):  # the x0_hat that eps_hat implies (the sampler's contract)
@@ -129,7 +146,7 @@ def check_ddpm_step(student) -> str:
         want = library_step(samplers.sample_ddpm, denoiser, x, sigma, sigma_prev, variance="fixed_small",
                             generator=torch.Generator().manual_seed(100 + n))
         last = "adds noise at the last step (t = 0): x_0 is the posterior mean, with no noise"
-        expect(got, want, case=case, what="x_{t-1}", wrong=[
+        expect(got, want, case=case, what="x_{t-1}", probe=probe, wrong=[
             ("uses the variance beta_t (fixed_large); the task asks for fixed_small, "
              "beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t", lambda: _eq11(x, t, eps_hat, betas, z, large=True)),
             ("multiplies the noise by the variance beta_tilde_t; the standard deviation is sqrt(beta_tilde_t)",

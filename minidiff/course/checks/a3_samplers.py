@@ -13,6 +13,7 @@ import torch
 
 from minidiff import samplers, schedules, toy
 from minidiff.course.checks import Mismatch, call, expect, extra_noise, library_step, task
+from minidiff.course.checks.diagnose import probe_inputs
 
 F64 = torch.float64
 INF = math.inf
@@ -66,6 +67,12 @@ def check_ddim_step(student) -> str:
     for n, (label, sigma, sigma_next, eta, batch, dtype) in enumerate(DDIM_LEVELS):
         (_, den, x, _, _), = _cases(g, [(label, sigma, sigma_next, batch, dtype)])
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + n), dtype=x.dtype)
+        def probe(den=den, x=x, sigma=sigma, sigma_next=sigma_next, eta=eta, z=z, label=label):
+            if eta > 0 and sigma_next > 0:
+                probe_inputs(student, (den, x, sigma, sigma_next, eta, z), {}, {
+                    5: (torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=x.dtype),
+                        "with eta > 0 the step adds sigma_eta times the noise you are given; do not draw your own"),
+                }, call=call, case=label)
         got = call(student, den, x, sigma, sigma_next, eta, z)
         want = library_step(samplers.sample_ddim, den, x, sigma, sigma_next, eta=eta,
                             generator=torch.Generator().manual_seed(200 + n))
@@ -74,7 +81,7 @@ def check_ddim_step(student) -> str:
 
         def ddim(direction, noise_std, eps_hat=eps):
             return a_n * x0 + direction * eps_hat + noise_std * z
-        expect(got, want, case=label, what="x_next", wrong=[
+        expect(got, want, case=label, what="x_next", probe=probe, wrong=[
             ("ignores eta: with eta > 0 DDIM adds noise of variance eta^2 beta_tilde and shrinks the eps "
              "direction to sqrt(1 - alpha_bar_next - sigma_eta^2)", lambda: ddim(b_n, 0.0)),
             ("adds the noise sigma_eta z but keeps the direction sqrt(1 - alpha_bar_next) eps_hat; it must shrink "

@@ -10,6 +10,7 @@ import torch
 
 from minidiff import guidance, schedules
 from minidiff.course.checks import Mismatch, call, expect, task
+from minidiff.course.checks.diagnose import probe_inputs
 from minidiff.utils import append_dims
 
 F64 = torch.float64
@@ -47,6 +48,10 @@ def _dropout_statistics(student) -> None:
     if not torch.equal(runs[0], runs[1]):
         raise Mismatch("ignores the generator: the same seed must give the same dropout mask "
                        "(pass generator=generator to torch.rand)")
+    other = call(student, labels, 0.1, NULL, generator=torch.Generator().manual_seed(11))
+    if torch.equal(runs[0], other):
+        raise Mismatch("ignores the generator: two different generators gave the same dropout mask (a fixed "
+                       "torch.manual_seed inside the function?); draw with torch.rand(..., generator=generator)")
     for p in (0.1, 0.7):
         out = call(student, labels, p, NULL, generator=torch.Generator().manual_seed(10))
         frac = (out == NULL).double().mean().item()
@@ -132,16 +137,25 @@ def _cfg_wrong(w, cond, uncond):
     ]
 
 
+def reference_cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    """The reference combination, put in place of a student's cfg_combine to test their cfg_denoise alone."""
+    return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+
+
 @task("A4.cfg_combine", func="cfg_combine", points=2, references=("minidiff.guidance.CFGDenoiser",))
 def check_cfg_combine(student) -> str:
-    for case, w, den, x, sigma, labels, want, cond, uncond in _guidance_cases(8):
+    for n, (case, w, den, x, sigma, labels, want, cond, uncond) in enumerate(_guidance_cases(8)):
+        def probe(cond=cond, uncond=uncond, w=w, case=case):
+            probe_inputs(student, (cond, uncond, w), {}, {2: (w + 2.0, "the result moves with guidance_scale")},
+                         reference_cfg_combine, call=call, case=case)
         got = call(student, cond, uncond, w)
-        expect(got, want, case=case, what="guided prediction", wrong=_cfg_wrong(w, cond, uncond),
+        expect(got, want, case=case, what="guided prediction", wrong=_cfg_wrong(w, cond, uncond), probe=probe,
                dtype_hint="Keep the dtype of the predictions.")
     return f"matches minidiff.guidance.CFGDenoiser on {len(SCALES)} scales, the scale-1 and scale-0 identities included"
 
 
-@task("A4.cfg_denoise", func="cfg_denoise", points=3, references=("minidiff.guidance.CFGDenoiser",))
+@task("A4.cfg_denoise", func="cfg_denoise", points=3, references=("minidiff.guidance.CFGDenoiser",),
+      helpers={"cfg_combine": reference_cfg_combine})
 def check_cfg_denoise(student) -> str:
     for case, w, den, x, sigma, labels, want, cond, uncond in _guidance_cases(9):
         got = call(student, den, x, sigma, labels, NULL, w,
