@@ -134,7 +134,8 @@ def check_euler_step(student) -> str:
         want = library_step(samplers.sample_euler, den, x, sigma, sigma_next)
         expect(got, want, case=label, what="x_next", wrong=_euler_variants(den, x, sigma, sigma_next))
         if calls != 1:
-            raise Mismatch(f"calls the denoiser {calls} times; an Euler step needs exactly one call [case: {label}]")
+            raise Mismatch(f"calls the denoiser {calls} times; the task asks for exactly one call per Euler step "
+                           f"(section 2): compute x0_hat once and reuse it [case: {label}]")
     return f"matches minidiff.samplers.sample_euler on {len(EULER_LEVELS)} steps (sigma = inf and the last step included)"
 
 
