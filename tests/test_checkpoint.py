@@ -114,7 +114,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def _denoiser():
     torch.manual_seed(0)
-    net = unet_from_preset("tiny", **SMALL)
+    net = unet_from_preset("tiny", **SMALL, zero_init=False)
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)  # zero-initialised output would hide mistakes
     return Denoiser(net, alphas_cumprod_from_betas(make_betas("cosine", 100)), "v")
 

@@ -21,7 +21,7 @@ from minidiff.denoiser import Denoiser
 from minidiff.models.unet import unet_from_preset
 from minidiff.schedules import alphas_cumprod_from_betas, linear_betas
 torch.manual_seed(0)
-net = unet_from_preset("tiny", num_classes=3, base_channels=8, channel_mults=(1, 2), attn_levels=())
+net = unet_from_preset("tiny", num_classes=3, base_channels=8, channel_mults=(1, 2), attn_levels=(), zero_init=False)
 torch.nn.init.normal_(net.conv_out.weight, std=0.3)  # an untrained net predicts 0 for every class otherwise
 small = Denoiser(net.eval(), alphas_cumprod_from_betas(linear_betas(100)))
 images = torch.rand(2, 1, 16, 16) * 2 - 1

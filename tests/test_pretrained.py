@@ -18,7 +18,8 @@ from minidiff.training.checkpoint import CheckpointError, save_model
 @pytest.fixture
 def weights_dir(tmp_path):
     torch.manual_seed(0)
-    net = unet_from_preset("tiny", base_channels=8, channel_mults=(1, 2), num_groups=4, attn_levels=(), num_classes=10)
+    net = unet_from_preset("tiny", base_channels=8, channel_mults=(1, 2), num_groups=4, attn_levels=(), num_classes=10,
+                           zero_init=False)
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)
     denoiser = Denoiser(net, alphas_cumprod_from_betas(make_betas("cosine", 1000)), "eps").eval()
     save_model(tmp_path / "toy.safetensors", denoiser, schedule="cosine", card={"steps": 0, "note": "test"})

@@ -12,8 +12,12 @@ CONDITIONS = ["none", "class", "context", "context_masked"]
 
 
 def make_net(gen, cond="none", **kw):
-    """A SMALL net for a condition type, with its zero-initialised output conv perturbed so outputs depend on x."""
-    cfg = dict(SMALL, **kw)
+    """A SMALL net for a condition type, with its zero-initialised output conv perturbed so outputs depend on x.
+
+    Residual branches are not zero-initialised here (zero_init=False): these tests check the wiring of every input,
+    which a zero-initialised branch hides until training moves it (see test_zero_init_makes_every_block_the_identity).
+    """
+    cfg = dict(SMALL, **{"zero_init": False, **kw})
     if cond == "class":
         cfg["num_classes"] = 5
     if cond.startswith("context"):
@@ -61,6 +65,33 @@ def test_output_is_zero_at_init():
     net = UNet(UNetConfig(**SMALL))
     x = torch.randn(2, 2, 16, 16)
     assert torch.equal(net(x, torch.tensor([1.0, 2.0])), torch.zeros(2, 3, 16, 16))
+
+
+def test_zero_init_makes_every_block_the_identity(gen):
+    """zero_init (the default) zeroes each residual branch's last layer: a ResBlock returns its skip path, an
+    attention block its input, and one optimiser step moves those layers off zero."""
+    from minidiff.models.attention import AttentionBlock
+    from minidiff.models.layers import ResBlock
+
+    net = UNet(UNetConfig(**dict(SMALL, num_classes=5)))
+    assert net.config.zero_init
+    seen = {"res": 0, "attn": 0}
+
+    def check(module, inputs, output):
+        if isinstance(module, ResBlock):
+            assert torch.equal(output, module.skip(inputs[0]))
+            seen["res"] += 1
+        else:
+            assert torch.equal(output, inputs[0])
+            seen["attn"] += 1
+    hooks = [m.register_forward_hook(check) for m in net.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    loss = net(torch.randn(2, 2, 16, 16, generator=gen), torch.tensor([3.0, 500.0]), class_labels=torch.tensor([0, 4]))
+    for h in hooks:
+        h.remove()
+    assert seen["res"] > 0 and seen["attn"] > 0
+    (loss.square().mean() + net.conv_out.bias.sum()).backward()
+    grads = [m.conv2.weight.grad for m in net.modules() if isinstance(m, ResBlock)]
+    assert all(g is not None for g in grads)
 
 
 def test_null_class_equals_no_labels(gen):

@@ -61,7 +61,7 @@ class UNetConfig:
     num_classes: int | None = None  # K classes + a learned null class with id K
     context_dim: int | None = None  # D of a context sequence (B, L, D) for cross-attention
     scale_shift: bool = False  # AdaGN time conditioning (Dhariwal & Nichol 2021) instead of adding
-    zero_init: bool = False  # zero the last conv of each ResBlock and each attention output (ADM, EDM)
+    zero_init: bool = True  # zero the last conv of each ResBlock and each attention output (ADM, EDM; measured)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))

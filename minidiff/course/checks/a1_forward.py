@@ -37,9 +37,18 @@ def check_linear(student) -> str:
         got = call(student, *args, **kw)
         betas = schedules.linear_betas(*args, **kw)
         T = len(betas)
+
+        def probe(args=args, kw=kw, case=case):
+            if len(args) == 3:
+                probe_inputs(student, args, kw, {2: (0.3, "the betas run from beta_start to beta_end"),
+                                                 1: (0.002, "the betas run from beta_start to beta_end")},
+                             lambda *a, **k: _ab(schedules.linear_betas(*a, **k)), call=call, case=case)
         b0, b1 = (args[1], args[2]) if len(args) == 3 else (kw.get("beta_start", 1e-4), kw.get("beta_end", 0.02))
-        expect(got, _ab(betas), case=case, what="alphas_cumprod", dtype_hint=DTYPE_TABLE, wrong=[
+        expect(got, _ab(betas), case=case, what="alphas_cumprod", dtype_hint=DTYPE_TABLE, probe=probe, wrong=[
             ("returns the betas; alphas_cumprod is the product of alphas = 1 - betas", betas),
+            ("uses 1 - 2 beta_t: alpha_t = 1 - beta_t", lambda: torch.cumprod(1 - 2 * betas, 0)),
+            ("takes T + 1 points and drops the first: use torch.linspace(beta_start, beta_end, T)",
+             lambda: _ab(torch.linspace(b0, b1, T + 1, dtype=F64)[1:])),
             ("forgot the cumulative product: alpha_bar_t = prod_{s<=t} (1 - beta_s) (torch.cumprod)", 1 - betas),
             ("multiplies the betas; the product is over the alphas, 1 - beta", lambda: torch.cumprod(betas, 0)),
             ("is off by one: alpha_bar_0 must already include beta_0 (alpha_bar_0 = 1 - beta_0, not 1)",
@@ -80,6 +89,15 @@ def check_cosine(student) -> str:
              lambda: _ab((1 - _f(T, s, False)[1:] / _f(T, s, False)[:-1]).clamp(max=max_beta))),
             ("forgot to divide by f(0): alpha_bar(t) = f(t) / f(0), so that alpha_bar(0) = 1",
              lambda: _ab((1 - f[1:] / f[:-1]).clamp(max=max_beta)) * f[0]),
+            ("takes the cumulative product of the betas; it is the product of the alphas, 1 - beta",
+             lambda: torch.cumprod(betas, 0)),
+            ("returns sqrt(alpha_bar); the schedule table is alpha_bar itself", lambda: _ab(betas).sqrt()),
+            ("clamps beta from below (clamp(min=...)); cap it from above at max_beta: clamp(max=max_beta)",
+             lambda: _ab((1 - f[1:] / f[:-1]).clamp(min=max_beta))),
+            ("uses pi instead of pi / 2 inside the cosine: f(t) = cos^2(((t/T + s) / (1 + s)) pi / 2)",
+             lambda: _ab((1 - (torch.cos((torch.arange(T + 1, dtype=F64) / T + s) / (1 + s) * math.pi) ** 2)[1:]
+                          / (torch.cos((torch.arange(T + 1, dtype=F64) / T + s) / (1 + s) * math.pi) ** 2)[:-1])
+                         .clamp(max=max_beta))),
             ("ignores the offset s: use (t/T + s) / (1 + s)",
              lambda: _ab(schedules.cosine_betas(T, s=0.0, max_beta=max_beta))),
             ("returns the betas, not alpha_bar", betas),
@@ -133,6 +151,9 @@ def check_q_sample(student) -> str:
             ("swaps the two coefficients: x0 gets sqrt(alpha_bar_t), the noise sqrt(1 - alpha_bar_t)",
              lambda: mix((1 - a).sqrt(), a.sqrt())),
             ("subtracts the noise; x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps", lambda: mix(a.sqrt(), -(1 - a).sqrt())),
+            ("scales the noise by 1 - sqrt(alpha_bar_t); it is sqrt(1 - alpha_bar_t)", lambda: mix(a.sqrt(), 1 - a.sqrt())),
+            ("treats alphas_cumprod as the per-step alphas and multiplies them again; the table already holds "
+             "alpha_bar_t: index it with t", lambda: mix(torch.cumprod(ab, 0)[t].sqrt(), (1 - torch.cumprod(ab, 0)[t]).sqrt())),
             ("is off by one: it uses alphas_cumprod[t - 1]; t indexes the table directly",
              lambda: forward.q_sample(x0, (t - 1) % len(ab), noise, ab)),
             ("is off by one: it uses alphas_cumprod[t + 1]; t indexes the table directly",
@@ -158,6 +179,12 @@ def check_snr(student) -> str:
                     lambda: (1 - ab) / ab),
                    ("takes a square root: sqrt(alpha_bar / (1 - alpha_bar)) = 1/sigma is a ratio of standard "
                     "deviations; SNR is a ratio of variances", lambda: (ab / (1 - ab)).sqrt()),
+                   ("squares the ratio: SNR = alpha_bar / (1 - alpha_bar) is already a ratio of variances",
+                    lambda: (ab / (1 - ab)) ** 2),
+                   ("computes sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise level; SNR = 1 / sigma^2",
+                    lambda: ((1 - ab) / ab).sqrt()),
+                   ("uses sqrt(alpha_bar) in the numerator; SNR = alpha_bar / (1 - alpha_bar)",
+                    lambda: ab.sqrt() / (1 - ab)),
                    ("returns log SNR; the task asks for SNR itself", lambda: schedules.log_snr(ab)),
                    ("divides by alpha_bar's complement wrongly: SNR = alpha_bar / (1 - alpha_bar), not "
                     "alpha_bar / (1 + alpha_bar)", lambda: ab / (1 + ab)),

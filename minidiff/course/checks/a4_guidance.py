@@ -161,7 +161,11 @@ def check_cfg_denoise(student) -> str:
         got = call(student, den, x, sigma, labels, NULL, w,
                    hint="concatenate x, sigma and the labels on the batch axis (torch.cat) so all have 2B entries")
         B = x.shape[0]
-        expect(got, want, case=case, what="guided prediction", wrong=_cfg_wrong(w, cond, uncond) + [
+
+        def probe(den=den, x=x, sigma=sigma, labels=labels, w=w, case=case):
+            probe_inputs(student, (den, x, sigma, labels, NULL, w), {}, {
+                5: (w + 2.0, "pass guidance_scale on to the combination")}, call=call, case=case)
+        expect(got, want, case=case, what="guided prediction", probe=probe, wrong=_cfg_wrong(w, cond, uncond) + [
             ("gives the class labels to both halves of the batch; the unconditional half needs null_id", cond),
             ("gives null_id to both halves of the batch; the conditional half needs the class labels", uncond),
         ], dtype_hint="Keep the dtype of x.")

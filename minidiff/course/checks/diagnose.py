@@ -113,7 +113,7 @@ def describe_difference(got: torch.Tensor, want: torch.Tensor, *, rtol: float, a
             if abs(c / value - 1) < 1e-3:
                 return f"is off by a constant factor of {name} (every value is {name} times the reference)"
         return f"is off by a constant factor of about {c:.4g} (every value is that many times the reference)"
-    if g.ndim >= 1 and g.shape[0] > 1:
+    if g.ndim >= 2 and g.shape[0] > 1:  # a batch of samples (a 1-D schedule table is not a batch)
         first_ok = close(g[:1], w[:1])
         if first_ok and close(g, w[:1].expand_as(w)):
             return ("uses the first sample's value for the whole batch: index per sample (e.g. alphas_cumprod[t] "

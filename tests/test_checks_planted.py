@@ -1,0 +1,688 @@
+"""Planted mistakes for every graded task: each check must NAME the mistake, not only report a difference.
+
+Issue "Assignment checks that name the mistake": for each of the 12 tasks, at least six realistic mistakes of
+different kinds (math and conventions, ignored inputs, broadcasting, clamping, dtype, in-place edits, calling the
+library function the task asks to write, ...) are planted, counting those of tests/test_checks.py and
+tests/test_checks_diagnose.py; this file adds new ones, of kinds those files do not cover for that task. Each is a
+student function written in a fresh namespace (like a notebook's globals), run through ``run_task``; the test
+asserts that the message contains a phrase naming the mistake and is not the generic "max abs difference"
+fallback. Correct but different implementations (a loop, another equivalent formula, other torch calls) must pass.
+"""
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from minidiff.course.checks import TASKS, run_task
+
+HEADER = """
+import math
+import numpy as np
+import torch
+import torch.nn.functional as F
+from minidiff.schedules import vp_coefficients
+def coeffs(sigma):
+    a, b = vp_coefficients(sigma)
+    return a.item(), b.item()
+"""
+
+# A2's notebook defines q_sample (from A1) in an earlier cell; ddpm_loss may use it.
+Q_SAMPLE = """
+def q_sample(x0, t, noise, alphas_cumprod):
+    ab = alphas_cumprod[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+"""
+
+# A4's notebook defines cfg_combine before cfg_denoise; a correct one, so that cfg_denoise is tested alone.
+CFG_COMBINE = """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+"""
+
+DDPM_HEAD = """
+def ddpm_step(x_t, t, eps_hat, betas, noise):
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    beta, ab_t = betas[t].item(), alphas_cumprod[t].item()
+    ab_prev = alphas_cumprod[t - 1].item() if t > 0 else 1.0
+"""
+
+DDIM_HEAD = """
+def ddim_step(denoiser, x, sigma, sigma_next, eta, noise):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    eps_hat = (x - a * x0_hat) / b
+    var = eta**2 * (b_next**2 / b**2) * (1 - a**2 / a_next**2)
+"""
+
+HEUN_HEAD = """
+def heun_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    d = (x - a * x0_hat) / b
+    x_euler = a_next * x0_hat + b_next * d
+"""
+
+HEUN_CORRECTION = """
+    d_next = (x_euler - a_next * denoiser(x_euler, sigma_next * x.new_ones(len(x)))) / b_next
+"""
+
+
+def student(source: str, name: str):
+    """Define ``name`` from ``source`` in a fresh namespace, as a notebook cell would."""
+    namespace = {}
+    exec(HEADER + source, namespace)  # noqa: S102 -- the planted student code of this test
+    return namespace[name]
+
+
+def _func(task: str) -> str:
+    return TASKS[task].func_name
+
+
+PLANTED = [
+    # (task, kind of mistake, source, phrases the message must contain)
+    # ------------------------------------------------------------------------- A1.linear_alphas_cumprod
+    ("A1.linear_alphas_cumprod", "cumprod of the betas", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return torch.cumprod(betas, dim=0)
+""", ["multiplies the betas", "1 - beta"]),
+    ("A1.linear_alphas_cumprod", "off-by-one: step (end - start) / T", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    t = torch.arange(T, dtype=torch.float64)
+    betas = beta_start + (beta_end - beta_start) * t / T
+    return torch.cumprod(1 - betas, dim=0)
+""", ["does not end at beta_end"]),
+    ("A1.linear_alphas_cumprod", "sqrt of the alphas", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return torch.cumprod((1 - betas).sqrt(), dim=0)
+""", ["returns sqrt(alpha_bar)"]),
+    ("A1.linear_alphas_cumprod", "numpy instead of torch", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    betas = np.linspace(beta_start, beta_end, T)
+    return np.cumprod(1 - betas)
+""", ["returns ndarray, expected a tensor"]),
+    ("A1.linear_alphas_cumprod", "returns the betas", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+""", ["returns the betas"]),
+    # ------------------------------------------------------------------------- A1.cosine_alphas_cumprod
+    ("A1.cosine_alphas_cumprod", "float32: integer arange divided by T", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, dim=0)
+""", ["returns dtype torch.float32, expected torch.float64", "dtype=torch.float64"]),
+    ("A1.cosine_alphas_cumprod", "cos not squared", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2)
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, dim=0)
+""", ["forgot to square the cosine"]),
+    ("A1.cosine_alphas_cumprod", "f(t) not divided by f(0)", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    return f[1:]
+""", ["forgot to divide by f(0)"]),
+    ("A1.cosine_alphas_cumprod", "hard-coded 0.999 instead of max_beta", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+""", ["does not cap beta_t at max_beta", "max_beta = 0.5"]),
+    ("A1.cosine_alphas_cumprod", "returns the betas", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+""", ["returns the betas"]),
+    ("A1.cosine_alphas_cumprod", "off-by-one: starts the table at 1", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    ab = torch.cumprod(1 - betas, dim=0)
+    return torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+""", ["is off by one", "alphas_cumprod[0] is 1"]),
+    # ------------------------------------------------------------------------- A1.q_sample
+    ("A1.q_sample", "modifies x0 in place", """
+def q_sample(x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    x0 *= a.sqrt()
+    return x0 + (1 - a).sqrt() * noise
+""", ["modifies its argument `x0` in place"]),
+    ("A1.q_sample", "clamps x_t to [-1, 1]", """
+def q_sample(x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    ("A1.q_sample", "sign of the noise term", """
+def q_sample(x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    return a.sqrt() * x0 - (1 - a).sqrt() * noise
+""", ["subtracts the noise"]),
+    ("A1.q_sample", "missing sqrt on the x0 coefficient only", """
+def q_sample(x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    return a * x0 + (1 - a).sqrt() * noise
+""", ["scales x0 by alphas_cumprod[t]", "must be sqrt(alphas_cumprod[t])"]),
+    # ------------------------------------------------------------------------- A1.snr
+    ("A1.snr", "clamps the SNR", """
+def snr(alphas_cumprod):
+    return (alphas_cumprod / (1 - alphas_cumprod)).clamp(max=1000)
+""", ["clamps its output"]),
+    ("A1.snr", "modifies the table in place", """
+def snr(alphas_cumprod):
+    alphas_cumprod /= 1 - alphas_cumprod
+    return alphas_cumprod
+""", ["modifies its argument `alphas_cumprod` in place"]),
+    ("A1.snr", "returns a Python list", """
+def snr(alphas_cumprod):
+    return [a / (1 - a) for a in alphas_cumprod]
+""", ["returns list, expected a tensor"]),
+    ("A1.snr", "sign in the denominator: 1 + alpha_bar", """
+def snr(alphas_cumprod):
+    return alphas_cumprod / (1 + alphas_cumprod)
+""", ["not alpha_bar / (1 + alpha_bar)"]),
+    ("A1.snr", "calls the library's snr", """
+def snr(alphas_cumprod):
+    import minidiff.schedules
+    return minidiff.schedules.snr(alphas_cumprod)
+""", ["calls the library's reference minidiff.schedules.snr"]),
+    # ------------------------------------------------------------------------- A2.ddpm_loss
+    ("A2.ddpm_loss", "absolute error", Q_SAMPLE + """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    return (net(x_t, t) - noise).abs().mean()
+""", ["uses the absolute error"]),
+    ("A2.ddpm_loss", "sums over the pixels of each image", Q_SAMPLE + """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    return ((net(x_t, t) - noise) ** 2).flatten(1).sum(1).mean()
+""", ["sums over the pixels of each image"]),
+    ("A2.ddpm_loss", "forward pass under torch.no_grad()", Q_SAMPLE + """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    with torch.no_grad():
+        pred = net(q_sample(x0, t, noise, alphas_cumprod), t)
+    return ((pred - noise) ** 2).mean()
+""", ["without a gradient"]),
+    ("A2.ddpm_loss", "calls the library's diffusion_loss", """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    from minidiff import losses
+    return losses.diffusion_loss(net, x0, alphas_cumprod, "eps", t=t, noise=noise)
+""", ["calls the library's reference minidiff.losses.diffusion_loss"]),
+    ("A2.ddpm_loss", "draws its own timesteps", Q_SAMPLE + """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    t = torch.randint(0, len(alphas_cumprod), (len(x0),))
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    return ((net(x_t, t) - noise) ** 2).mean()
+""", ["draws its own random numbers"]),
+    # ------------------------------------------------------------------------- A2.ddpm_step
+    ("A2.ddpm_step", "forgets 1 / sqrt(alpha_t)", DDPM_HEAD + """
+    mean = x_t - beta / math.sqrt(1 - ab_t) * eps_hat
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise if t > 0 else mean
+""", ["forgot the factor 1 / sqrt(alpha_t)"]),
+    ("A2.ddpm_step", "alpha_t vs alpha_bar_t in the eps coefficient", DDPM_HEAD + """
+    mean = (x_t - beta / math.sqrt(beta) * eps_hat) / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise if t > 0 else mean
+""", ["divides by sqrt(1 - alpha_t) = sqrt(beta_t)"]),
+    ("A2.ddpm_step", "draws its own noise", DDPM_HEAD + """
+    mean = (x_t - beta / math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * torch.randn_like(x_t) if t > 0 else mean
+""", ["draws its own random numbers"]),
+    ("A2.ddpm_step", "modifies x_t in place", DDPM_HEAD + """
+    x_t -= beta / math.sqrt(1 - ab_t) * eps_hat
+    mean = x_t / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise if t > 0 else mean
+""", ["modifies its argument `x_t` in place"]),
+    ("A2.ddpm_step", "inverted ratio in beta_tilde", DDPM_HEAD + """
+    mean = (x_t - beta / math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_t) / (1 - ab_prev) * beta) * noise if t > 0 else mean
+""", ["scales the noise wrongly", "sqrt(beta_tilde_t)"]),
+    ("A2.ddpm_step", "off-by-one: no noise at t = 1 either", DDPM_HEAD + """
+    mean = (x_t - beta / math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(1 - beta)
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise if t > 1 else mean
+""", ["scales the noise wrongly", "[case: t = 1]"]),
+    ("A2.ddpm_step", "clamps x_{t-1} to [-1, 1]", DDPM_HEAD + """
+    mean = (x_t - beta / math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(1 - beta)
+    x_prev = mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise if t > 0 else mean
+    return x_prev.clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    # ------------------------------------------------------------------------- A3.ddim_step
+    ("A3.ddim_step", "noise times the variance", DDIM_HEAD + """
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + var * noise
+""", ["multiplies the noise by the variance"]),
+    ("A3.ddim_step", "eps direction of the current level", DDIM_HEAD + """
+    return a_next * x0_hat + math.sqrt(max(b**2 - var, 0)) * eps_hat + math.sqrt(var) * noise
+""", ["of the current level"]),
+    ("A3.ddim_step", "eps_hat without sqrt(alpha_bar)", """
+def ddim_step(denoiser, x, sigma, sigma_next, eta, noise):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    eps_hat = (x - x0_hat) / b
+    var = eta**2 * (b_next**2 / b**2) * (1 - a**2 / a_next**2)
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + math.sqrt(var) * noise
+""", ["computes eps_hat = (x - x0_hat) / sqrt(1 - alpha_bar)"]),
+    ("A3.ddim_step", "scales the given noise in place", DDIM_HEAD + """
+    noise *= math.sqrt(var)
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + noise
+""", ["modifies its argument `noise` in place"]),
+    ("A3.ddim_step", "own coefficients: inf / inf at sigma = inf", """
+def ddim_step(denoiser, x, sigma, sigma_next, eta, noise):
+    a, a_next = 1 / math.sqrt(1 + sigma**2), 1 / math.sqrt(1 + sigma_next**2)
+    b, b_next = sigma * a, sigma_next * a_next
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    eps_hat = (x - a * x0_hat) / b
+    var = eta**2 * (b_next**2 / b**2) * (1 - a**2 / a_next**2)
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + math.sqrt(var) * noise
+""", ["NaN/inf values where the reference is finite", "sigma inf"]),
+    ("A3.ddim_step", "drops the noise term", DDIM_HEAD + """
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat
+""", ["scales the noise wrongly", "sigma_eta"]),
+    ("A3.ddim_step", "clamps x_next to [-1, 1]", DDIM_HEAD + """
+    return (a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + math.sqrt(var) * noise).clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    ("A3.ddim_step", "calls the library's sample_ddim", """
+def ddim_step(denoiser, x, sigma, sigma_next, eta, noise):
+    import minidiff
+    sigmas = torch.tensor([sigma, sigma_next, 0.0], dtype=torch.float64)
+    return minidiff.samplers.sample_ddim(denoiser, x, sigmas, eta=eta)
+""", ["calls the library's reference minidiff.samplers.sample_ddim"]),
+    # ------------------------------------------------------------------------- A3.euler_step
+    ("A3.euler_step", "two denoiser calls", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    s = sigma * x.new_ones(len(x))
+    return a_next * denoiser(x, s) + b_next * (x - a * denoiser(x, s)) / b
+""", ["calls the denoiser 2 times"]),
+    ("A3.euler_step", "VE form divides by sqrt(alpha_bar) = 0 at sigma = inf", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    x_ve = x / a
+    d = (x_ve - x0_hat) / sigma
+    return a_next * (x_ve + (sigma_next - sigma) * d)
+""", ["NaN/inf values where the reference is finite", "a division by zero?", "sigma inf"]),
+    ("A3.euler_step", "modifies x in place", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    x /= a
+    d = (x - x0_hat) / sigma
+    return a_next * (x + (sigma_next - sigma) * d)
+""", ["modifies its argument `x` in place"]),
+    ("A3.euler_step", "calls the library's sample_euler", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    import minidiff
+    return minidiff.samplers.sample_euler(denoiser, x, torch.tensor([sigma, sigma_next, 0.0], dtype=torch.float64))
+""", ["calls the library's reference minidiff.samplers.sample_euler"]),
+    ("A3.euler_step", "casts the result to float32", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    return (a_next * x0_hat + b_next * (x - a * x0_hat) / b).float()
+""", ["returns dtype torch.float32, expected torch.float64"]),
+    ("A3.euler_step", "scales back with alpha_bar of sigma", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    d = (x - a * x0_hat) / b
+    return a * (x / a + (sigma_next - sigma) * d)
+""", ["scales back with sqrt(alpha_bar) of sigma"]),
+    # ------------------------------------------------------------------------- A3.heun_step
+    ("A3.heun_step", "forgets the sigma = inf case", HEUN_HEAD + """
+    if sigma_next == 0:
+        return x_euler
+""" + HEUN_CORRECTION + """
+    return a_next * (x / a + (sigma_next - sigma) * (d + d_next) / 2)
+""", ["returns NaN/inf", "from sigma = inf", "zero terminal SNR"]),
+    ("A3.heun_step", "three denoiser calls", HEUN_HEAD + """
+    if sigma_next == 0 or math.isinf(sigma):
+        return x_euler
+    d = (x - a * denoiser(x, sigma * x.new_ones(len(x)))) / b
+""" + HEUN_CORRECTION + """
+    return a_next * (x / a + (sigma_next - sigma) * (d + d_next) / 2)
+""", ["calls the denoiser 3 times", "needs 2 calls"]),
+    ("A3.heun_step", "clamps x_next to [-1, 1]", HEUN_HEAD + """
+    if sigma_next == 0 or math.isinf(sigma):
+        return x_euler
+""" + HEUN_CORRECTION + """
+    return (a_next * (x / a + (sigma_next - sigma) * (d + d_next) / 2)).clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    ("A3.heun_step", "modifies x in place", HEUN_HEAD + """
+    if sigma_next == 0 or math.isinf(sigma):
+        return x_euler
+    x /= a
+""" + HEUN_CORRECTION + """
+    return a_next * (x + (sigma_next - sigma) * (d + d_next) / 2)
+""", ["modifies its argument `x` in place"]),
+    ("A3.heun_step", "calls the library's sample_heun", """
+def heun_step(denoiser, x, sigma, sigma_next):
+    import minidiff
+    return minidiff.samplers.sample_heun(denoiser, x, torch.tensor([sigma, sigma_next], dtype=torch.float64))
+""", ["calls the library's reference minidiff.samplers.sample_heun"]),
+    # ------------------------------------------------------------------------- A4.condition_dropout
+    ("A4.condition_dropout", "-1 as the 'no label' id", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, -1, labels)
+""", ["neither the original label nor null_id"]),
+    ("A4.condition_dropout", "one draw for the whole batch", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(1, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_id), labels)
+""", ["never drops a label", "independently"]),
+    ("A4.condition_dropout", "float labels", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, float(null_id), labels.float())
+""", ["returns dtype torch.float32, expected torch.int64"]),
+    ("A4.condition_dropout", "in place through an alias", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(labels.shape, generator=generator) < p
+    out = labels
+    out[drop] = null_id
+    return out
+""", ["modifies its argument `labels` in place"]),
+    ("A4.condition_dropout", "torch.where arguments swapped", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, labels, torch.full_like(labels, null_id))
+""", ["probability 1 - p"]),
+    ("A4.condition_dropout", "calls the library's condition_dropout", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    from minidiff.guidance import condition_dropout as library_dropout
+    return library_dropout(labels, p, null_id, generator=generator)
+""", ["calls the library's reference minidiff.guidance.condition_dropout"]),
+    ("A4.condition_dropout", "numpy result", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return np.where(drop.numpy(), null_id, labels.numpy())
+""", ["returns ndarray, expected a tensor"]),
+    # ------------------------------------------------------------------------- A4.cfg_combine
+    ("A4.cfg_combine", "hard-coded guidance scale", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return x0_uncond + 7.5 * (x0_cond - x0_uncond)
+""", ["ignores its input `guidance_scale`"]),
+    ("A4.cfg_combine", "modifies x0_uncond in place", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    x0_uncond += guidance_scale * (x0_cond - x0_uncond)
+    return x0_uncond
+""", ["modifies its argument `x0_uncond` in place"]),
+    ("A4.cfg_combine", "sign of the difference", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return x0_uncond + guidance_scale * (x0_uncond - x0_cond)
+""", ["moves away from the conditional prediction"]),
+    ("A4.cfg_combine", "off-by-one in the scale: w + 1", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return x0_uncond + (guidance_scale + 1) * (x0_cond - x0_uncond)
+""", ["guidance_scale = 1 means no guidance"]),
+    ("A4.cfg_combine", "clamps the guided prediction", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return (x0_uncond + guidance_scale * (x0_cond - x0_uncond)).clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    # ------------------------------------------------------------------------- A4.cfg_denoise
+    ("A4.cfg_denoise", "null_id for both halves", CFG_COMBINE + """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    null = torch.full_like(class_labels, null_id)
+    x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                  class_labels=torch.cat([null, null])).chunk(2)
+    return cfg_combine(x0_cond, x0_uncond, guidance_scale)
+""", ["gives null_id to both halves"]),
+    ("A4.cfg_denoise", "inline formula with the w = 0 convention", """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+    x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
+    return x0_cond + guidance_scale * (x0_cond - x0_uncond)
+""", ["guidance_scale = 1 means no guidance"]),
+    ("A4.cfg_denoise", "calls the library's CFGDenoiser", """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    import minidiff
+    guided = minidiff.guidance.CFGDenoiser(denoiser, guidance_scale, uncond={"class_labels": torch.tensor(null_id)})
+    return guided(x, sigma, class_labels=class_labels)
+""", ["calls the library's reference minidiff.guidance.CFGDenoiser"]),
+    ("A4.cfg_denoise", "clamps the guided prediction", CFG_COMBINE + """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+    x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
+    return cfg_combine(x0_cond, x0_uncond, guidance_scale).clamp(-1, 1)
+""", ["clamps its output to [-1, 1]"]),
+    ("A4.cfg_denoise", "runs the denoiser in float64", CFG_COMBINE + """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+    x_in = torch.cat([x, x]).double()
+    x0_cond, x0_uncond = denoiser(x_in, torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
+    return cfg_combine(x0_cond, x0_uncond, guidance_scale)
+""", ["returns dtype torch.float64, expected torch.float32", "Keep the dtype of x"]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLANTED)), ids=[f"{p[0]}-{p[1]}" for p in PLANTED])
+def test_planted_mistake_is_named(case):
+    task, _, source, phrases = PLANTED[case]
+    result = run_task(task, student(source, _func(task)))
+    assert not result.passed and result.points == 0, result.message
+    assert result.status in ("fail", "error"), result.message
+    for phrase in phrases:
+        assert phrase in result.message, result.message
+    assert "max abs difference" not in result.message, result.message
+    assert "not one of the usual mistakes" not in result.message, result.message
+
+
+CORRECT = [  # correct but different implementations: no false positives
+    # (task, what is different, source)
+    ("A1.linear_alphas_cumprod", "a Python loop", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    out, prod = [], 1.0
+    for i in range(T):
+        beta = beta_start + (beta_end - beta_start) * i / (T - 1)
+        prod *= 1 - beta
+        out.append(prod)
+    return torch.tensor(out, dtype=torch.float64)
+"""),
+    ("A1.linear_alphas_cumprod", "exp of a cumulative sum of logs", """
+def linear_alphas_cumprod(T, beta_start=1e-4, beta_end=0.02):
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return torch.exp(torch.cumsum(torch.log1p(-betas), 0))
+"""),
+    ("A1.cosine_alphas_cumprod", "a loop with math.cos and min", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    def f(t):
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    out, prod = [], 1.0
+    for t in range(T):
+        prod *= 1 - min(1 - f(t + 1) / f(t), max_beta)
+        out.append(prod)
+    return torch.tensor(out, dtype=torch.float64)
+"""),
+    ("A1.cosine_alphas_cumprod", "alpha_bar ratios clamped from below", """
+def cosine_alphas_cumprod(T, s=0.008, max_beta=0.999):
+    u = torch.linspace(0, 1, T + 1, dtype=torch.float64)
+    ab = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    ab = ab / ab[0]
+    return torch.cumprod((ab[1:] / ab[:-1]).clamp(min=1 - max_beta), 0)
+"""),
+    ("A1.q_sample", "append_dims, a gather of sqrt tables and addcmul", """
+def q_sample(x0, t, noise, alphas_cumprod):
+    from minidiff.utils import append_dims
+    a = append_dims(alphas_cumprod.sqrt()[t], x0.ndim).to(x0.dtype)
+    b = append_dims((1 - alphas_cumprod).sqrt()[t], x0.ndim).to(x0.dtype)
+    return torch.addcmul(a * x0, b, noise)
+"""),
+    ("A1.snr", "1 / (1 - alpha_bar) - 1", """
+def snr(alphas_cumprod):
+    return 1 / (1 - alphas_cumprod) - 1
+"""),
+    ("A1.snr", "exp(log alpha_bar - log1p(-alpha_bar))", """
+def snr(alphas_cumprod):
+    return torch.exp(torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod))
+"""),
+    ("A1.snr", "the squared ratio of the coefficients", """
+def snr(alphas_cumprod):
+    a, b = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    return (a / b) ** 2
+"""),
+    ("A2.ddpm_loss", "F.mse_loss, x_t inline with torch.sqrt", """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    x_t = torch.sqrt(a) * x0 + torch.sqrt(1 - a) * noise
+    return F.mse_loss(net(x_t, t), noise)
+"""),
+    ("A2.ddpm_loss", "nn.MSELoss with the A1 q_sample", Q_SAMPLE + """
+def ddpm_loss(net, x0, t, noise, alphas_cumprod):
+    return torch.nn.MSELoss()(net(q_sample(x0, t, noise, alphas_cumprod), t), noise)
+"""),
+    ("A2.ddpm_step", "the posterior mean from x0_hat (DDPM Eq. 7)", DDPM_HEAD + """
+    x0_hat = (x_t - math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(ab_t)
+    c0 = math.sqrt(ab_prev) * beta / (1 - ab_t)
+    ct = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
+    mean = c0 * x0_hat + ct * x_t
+    if t == 0:
+        return mean
+    return mean + math.sqrt((1 - ab_prev) / (1 - ab_t) * beta) * noise
+"""),
+    ("A2.ddpm_step", "tensor coefficients, no branch (beta_tilde_0 = 0)", """
+def ddpm_step(x_t, t, eps_hat, betas, noise):
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    ab_prev_all = torch.cat([torch.ones(1, dtype=betas.dtype), alphas_cumprod[:-1]])
+    beta, ab_t, ab_prev = betas[t], alphas_cumprod[t], ab_prev_all[t]
+    mean = (x_t - (beta / torch.sqrt(1 - ab_t)).to(x_t.dtype) * eps_hat) / torch.sqrt(1 - beta).to(x_t.dtype)
+    std = torch.sqrt(beta * (1 - ab_prev) / (1 - ab_t)).to(x_t.dtype)
+    return mean + std * noise
+"""),
+    ("A3.ddim_step", "sigma_eta written as in Song et al. Eq. 16", """
+def ddim_step(denoiser, x, sigma, sigma_next, eta, noise):
+    a, b = coeffs(sigma)
+    a_next, b_next = coeffs(sigma_next)
+    x0_hat = denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))
+    eps_hat = (x - a * x0_hat) / b
+    sigma_eta = eta * math.sqrt((1 - a_next**2) / (1 - a**2)) * math.sqrt(1 - a**2 / a_next**2)
+    return a_next * x0_hat + math.sqrt(1 - a_next**2 - sigma_eta**2) * eps_hat + sigma_eta * noise
+"""),
+    ("A3.ddim_step", "a separate branch for eta = 0", DDIM_HEAD + """
+    if eta == 0:
+        return a_next * x0_hat + b_next * eps_hat
+    return a_next * x0_hat + math.sqrt(b_next**2 - var) * eps_hat + math.sqrt(var) * noise
+"""),
+    ("A3.euler_step", "a_next (x0_hat + sigma_next eps_hat), sigma as a float tensor", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    a, b = coeffs(sigma)
+    a_next, _ = coeffs(sigma_next)
+    x0_hat = denoiser(x, torch.full((len(x),), float(sigma)))
+    eps_hat = (x - a * x0_hat) / b
+    return a_next * (x0_hat + sigma_next * eps_hat)
+"""),
+    ("A3.euler_step", "the Karras VE form, with a branch for sigma = inf", """
+def euler_step(denoiser, x, sigma, sigma_next):
+    (a, b), (a_next, b_next) = coeffs(sigma), coeffs(sigma_next)
+    x0_hat = denoiser(x, sigma * x.new_ones(len(x)))
+    if math.isinf(sigma):
+        return a_next * x0_hat + b_next * x
+    x_ve = x / a
+    d = (x_ve - x0_hat) / sigma
+    return a_next * (x_ve + (sigma_next - sigma) * d)
+"""),
+    ("A3.heun_step", "VE slopes in a helper function (Karras Alg. 1)", """
+def heun_step(denoiser, x, sigma, sigma_next):
+    def slope(x_ve, s):
+        a_s, _ = coeffs(s)
+        return (x_ve - denoiser(a_s * x_ve, s * x_ve.new_ones(len(x_ve)))) / s
+    a, _ = coeffs(sigma)
+    a_next, b_next = coeffs(sigma_next)
+    if math.isinf(sigma):
+        return a_next * denoiser(x, sigma * x.new_ones(len(x))) + b_next * x
+    x_ve = x / a
+    d = slope(x_ve, sigma)
+    x_ve_next = x_ve + (sigma_next - sigma) * d
+    if sigma_next == 0:
+        return x_ve_next
+    return a_next * (x_ve + (sigma_next - sigma) * 0.5 * (d + slope(x_ve_next, sigma_next)))
+"""),
+    ("A3.heun_step", "eps slopes, a_next distributed over the sum", HEUN_HEAD + """
+    if sigma_next == 0 or math.isinf(sigma):
+        return x_euler
+""" + HEUN_CORRECTION + """
+    return a_next * x / a + a_next * (sigma_next - sigma) * (d + d_next) / 2
+"""),
+    ("A4.condition_dropout", "masked_fill (not in place)", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    return labels.masked_fill(torch.rand(labels.shape, generator=generator) < p, null_id)
+"""),
+    ("A4.condition_dropout", "torch.bernoulli (other random draws, right statistics)", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    drop = torch.bernoulli(torch.full(labels.shape, float(p)), generator=generator).bool()
+    return torch.where(drop, null_id, labels)
+"""),
+    ("A4.condition_dropout", "arithmetic with a keep mask", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    keep = (torch.rand(labels.shape, generator=generator) >= p).long()
+    return labels * keep + null_id * (1 - keep)
+"""),
+    ("A4.condition_dropout", "a loop over the labels, one draw each", """
+def condition_dropout(labels, p, null_id, *, generator=None):
+    out = labels.clone()
+    for i in range(len(labels)):
+        if torch.rand(1, generator=generator).item() < p:
+            out[i] = null_id
+    return out
+"""),
+    ("A4.cfg_combine", "cond + (w - 1) (cond - uncond)", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return x0_cond + (guidance_scale - 1) * (x0_cond - x0_uncond)
+"""),
+    ("A4.cfg_combine", "torch.add with alpha", """
+def cfg_combine(x0_cond, x0_uncond, guidance_scale):
+    return torch.add(x0_uncond, x0_cond - x0_uncond, alpha=guidance_scale)
+"""),
+    ("A4.cfg_denoise", "repeat and slicing by B", CFG_COMBINE + """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    B = x.shape[0]
+    labels_in = torch.cat([class_labels, class_labels.new_full((B,), null_id)])
+    out = denoiser(x.repeat(2, 1, 1, 1), sigma.repeat(2), class_labels=labels_in)
+    return cfg_combine(out[:B], out[B:], guidance_scale)
+"""),
+    ("A4.cfg_denoise", "torch.lerp inline, no cfg_combine", """
+def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
+    labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
+    x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
+    return torch.lerp(x0_uncond, x0_cond, guidance_scale)
+"""),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CORRECT)), ids=[f"{c[0]}-{c[1]}" for c in CORRECT])
+def test_correct_alternative_passes(case):
+    task, _, source = CORRECT[case]
+    result = run_task(task, student(source, _func(task)))
+    assert result.passed and result.status == "pass", result.message
+    assert result.points == TASKS[task].points
+
+
+# ----------------------------------------------------------------------------- coverage over the three files
+def _load(filename: str):
+    """The test module ``filename`` (next to this one), loaded under a private name to count its cases."""
+    path = Path(__file__).with_name(filename)
+    spec = importlib.util.spec_from_file_location(f"_planted_counts_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_task_has_six_planted_mistakes_and_a_correct_alternative():
+    basic, diagnose = _load("test_checks.py"), _load("test_checks_diagnose.py")
+    planted = Counter(p[0] for p in PLANTED) + Counter(w[0] for w in basic.WRONG) + \
+        Counter(p[0] for p in diagnose.PLANTED)
+    alternatives = Counter(c[0] for c in CORRECT) + Counter(c[0] for c in diagnose.CORRECT)
+    assert set(TASKS) <= set(planted), sorted(set(TASKS) - set(planted))
+    assert {t: planted[t] for t in TASKS if planted[t] < 6} == {}, dict(planted)
+    assert {t for t in TASKS if alternatives[t] < 1} == set(), dict(alternatives)
+
+
+def test_planted_kinds_are_distinct_within_a_task():
+    kinds = Counter((task, kind) for task, kind, _, _ in PLANTED)
+    assert [k for k, n in kinds.items() if n > 1] == []
