@@ -12,7 +12,8 @@ indexes them with their run times and sizes. The rendered course is made with:
     python benchmarks/run_lectures.py notebooks/0[0-5]*.ipynb --out docs/images --executed docs/course
     python benchmarks/run_lectures.py notebooks/06_cifar10.ipynb --smoke --out docs/images --executed docs/course
 
-(lecture 06's full recipe needs a GPU; on a CPU it is rendered from its smoke run, and its index entry says so).
+(lecture 06's full recipe needs a GPU; on a CPU it is rendered from its smoke run, and its index entry says so;
+so is any lecture whose full run did not fit a session, such as 04's three 600-step trainings, about 25 minutes).
 
 Run:
     python benchmarks/run_lectures.py notebooks/01_forward_process.ipynb notebooks/03_samplers.ipynb --out docs/images
@@ -89,7 +90,7 @@ def write_executed(nb: nbformat.NotebookNode, path: Path, folder: Path, *, secon
     rows = []
     for p in sorted(folder.glob("*.ipynb")):
         run = nbformat.read(p, as_version=4).metadata.get("minidiff_run", {})
-        mode = "smoke run (the full recipe needs a GPU)" if run.get("smoke") else "full run"
+        mode = "smoke run (CI size; see the docstring)" if run.get("smoke") else "full run"
         rows.append(f"| [{p.stem}]({p.name}) | {mode} | {run.get('seconds', 0) / 60:.1f} min | "
                     f"{p.stat().st_size / 1e6:.2f} MB | {run.get('machine', '')}, {run.get('date', '')} |")
     (folder / "README.md").write_text(
