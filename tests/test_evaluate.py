@@ -95,5 +95,8 @@ def test_cli_on_a_saved_tiny_unet(tmp_path, capsys):
     result = ev.main(["--checkpoint", str(path), "--steps", "2", "--n", "12", "--guidance", "2", "--batch-size", "12"])
     out = capsys.readouterr().out
     assert "classifier-FID" in out and "class accuracy" in out and result["nfe"] == 2
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one line on stderr, status 2
         ev.main(["--checkpoint", str(tmp_path / "missing.safetensors")])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such file"):  # --debug shows the real exception
+        ev.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--debug"])
