@@ -76,10 +76,6 @@ def get_parameterization(prediction: str) -> Parameterization:
     return PARAMETERIZATIONS[prediction]
 
 
-def _check_prediction(prediction: str) -> None:
-    get_parameterization(prediction)
-
-
 def _coeffs(x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) for sigma (B,), broadcast against x with append_dims."""
     sqrt_ab, sqrt_1m_ab = vp_coefficients(check_sigma(x, sigma))
