@@ -1,4 +1,5 @@
-"""The course's pretrained models: ``load("fashion-mnist-cond")`` returns a ready denoiser.
+"""The course's pretrained models: ``load("fashion-mnist-cond")`` returns a ready denoiser,
+``load("shapes64-vae")`` the course's autoencoder (``AutoencoderKL``).
 
 Each model is two files in ``minidiff/weights/``: ``<name>.safetensors`` (EMA weights, alphas_cumprod
 and the spec to rebuild the net, written by ``minidiff.training.checkpoint.save_model`` through
@@ -11,22 +12,22 @@ import json
 from pathlib import Path
 
 from minidiff.files import WEIGHTS_DIR, CheckpointError, read_metadata
-from minidiff.training.checkpoint import MODEL_FORMAT, load_model
+from minidiff.training.checkpoint import MODEL_FORMAT, VAE_FORMAT, load_model, load_vae
 
 __all__ = ["WEIGHTS_DIR", "available", "load", "model_card"]
 
 
 def _is_denoiser_file(path: Path) -> bool:
-    """True for files written by ``save_model`` (and for damaged ones, so that ``load`` reports the damage);
-    False for other safetensors files in the folder, such as the evaluator classifiers."""
+    """True for files written by ``save_model`` or ``save_vae`` (and for damaged ones, so that ``load`` reports the
+    damage); False for other safetensors files in the folder, such as the evaluator classifiers."""
     try:
-        return read_metadata(path).get("format") == MODEL_FORMAT
+        return read_metadata(path).get("format") in (MODEL_FORMAT, VAE_FORMAT)
     except CheckpointError:
         return True
 
 
 def available(*, weights_dir=None) -> list[str]:
-    """Names of the shipped diffusion models (``save_model`` files in the weights folder), sorted."""
+    """Names of the shipped models (diffusion models and autoencoders in the weights folder), sorted."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     if not folder.is_dir():
         return []
@@ -41,14 +42,23 @@ def _path(name: str, weights_dir, suffix: str) -> Path:
     return folder / f"{name}{suffix}"
 
 
-def load(name: str, *, device=None, weights_dir=None, clip_x0: bool = True):
-    """The pretrained ``Denoiser`` called ``name`` (eval mode, float32) on ``device`` (default CPU).
+def load(name: str, *, device=None, weights_dir=None, clip_x0: bool | None = None):
+    """The pretrained model called ``name`` (eval mode, float32) on ``device`` (default CPU): a ``Denoiser``, or an
+    ``AutoencoderKL`` for the autoencoders ("shapes64-vae").
 
-    The shipped models are pixel-space models of data in [-1, 1], so x0_hat is clipped to that range by default
-    (Ho et al. 2020's clip_denoised); ``clip_x0=False`` shows the raw network, as lecture 03 does.
+    Pixel-space models see data in [-1, 1], so their x0_hat is clipped to that range by default (Ho et al. 2020's
+    clip_denoised); ``clip_x0=False`` shows the raw network, as lecture 03 does. Latent models are not clipped
+    (their latents are not bounded): the default is True for pixel models and False for latent models.
     """
     path = _path(name, weights_dir, ".safetensors")
     try:
+        if read_metadata(path).get("format") == VAE_FORMAT:
+            if clip_x0 is not None:
+                raise ValueError(f"clip_x0 applies to denoisers; {name!r} is an autoencoder")
+            return load_vae(path, device=device)
+        if clip_x0 is None:
+            clip_x0 = not model_card(name, weights_dir=weights_dir).get("latent", False) \
+                if path.with_suffix(".json").is_file() else True
         return load_model(path, device=device, clip_x0=clip_x0)
     except CheckpointError as e:
         raise CheckpointError(f"pretrained model {name!r} cannot be loaded: {e}. Reinstall minidiff or "

@@ -54,7 +54,7 @@ def _guided(denoiser, guidance: float, num_classes: int | None, guidance_rescale
 def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps: int = 20, guidance: float = 1.0,
              batch_size: int = 250, generator: torch.Generator | None = None, num_classes: int | None = None,
              spacing: str = "trailing", guidance_rescale: float = 0.0, device=None, progress: bool = True,
-             **sampler_options) -> Generated:
+             decode=None, **sampler_options) -> Generated:
     """Draw ``n`` samples of ``shape`` (C, H, W); class-balanced labels 0, 1, ..., K-1, 0, ... if conditional.
 
     ``spacing`` defaults to "trailing": the first step is at t = T - 1, where x_T ~ N(0, I) really is the marginal.
@@ -65,6 +65,7 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
     ~ 6 (see lecture 03).
 
     ``num_classes`` defaults to the U-Net's; guidance uses ``CFGDenoiser`` with the null class id K as uncond.
+    ``decode`` (a latent model's ``vae.decode_latents``) maps each batch of samples to images before they are clamped.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
@@ -80,7 +81,8 @@ def generate(denoiser, *, n: int, shape: tuple, sampler: str = "dpmpp_2m", steps
             b = min(batch_size, n - start)
             x = torch.randn((b, *shape), generator=generator).to(device)
             extra = {"class_labels": labels[start:start + b].to(device)} if labels is not None else None
-            images.append(fn(model, x, sigmas, extra_args=extra, generator=generator, **sampler_options).cpu())
+            x = fn(model, x, sigmas, extra_args=extra, generator=generator, **sampler_options)
+            images.append((decode(x) if decode is not None else x).cpu())
             bar.update(b)
     n_batches = -(-n // batch_size)
     return Generated(torch.cat(images).clamp(-1, 1), labels, counter.calls // n_batches, time.time() - t0)

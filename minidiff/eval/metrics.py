@@ -185,3 +185,50 @@ def prompt_adherence(classifier, images: torch.Tensor, attrs: torch.Tensor, *, b
     correct = preds == targets
     rates = {name: float(correct[:, j].double().mean()) for j, name in enumerate(classifier.config.heads)}
     return {"all": float(correct.all(1).double().mean()), **rates}
+
+
+# ---------------------------------------------------------------- reconstruction metrics (pairs of images)
+
+def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two image batches (B, C, H, W) in [-1, 1] -> float64 in [0, 1] (the range PSNR and SSIM are defined on)."""
+    from minidiff.utils import check_tensor
+    x, y = check_tensor("x", x, ndim=4), check_tensor("y", y, ndim=4)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return ((x.double() + 1) / 2).clamp(0, 1), ((y.double() + 1) / 2).clamp(0, 1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image (B,) in dB, 10 log10(1 / MSE) on the [0, 1] scale; inf where x == y."""
+    x, y = _pair(x, y)
+    mse = (x - y).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]  # (size, size)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image (B,), Wang et al. 2004, Eq. 13: Gaussian window (11, sigma 1.5), K1 = 0.01,
+    K2 = 0.03, data range 1, per channel, averaged over the valid (unpadded) positions and the channels.
+    Single-scale: MS-SSIM needs images of at least 160 pixels a side."""
+    import torch.nn.functional as F
+    x, y = _pair(x, y)
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"ssim: images must be at least window={window} pixels a side, got {tuple(x.shape[-2:])}")
+    C = x.shape[1]
+    w = _gaussian_window(window, sigma).to(x.device).expand(C, 1, window, window)
+    def blur(t):
+        return F.conv2d(t, w, groups=C)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(dim=1)
+
+
+__all__ += ["psnr", "ssim"]

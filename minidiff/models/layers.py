@@ -43,30 +43,35 @@ class ResBlock(nn.Module):
     """Residual block GN-SiLU-conv, + time projection, GN-SiLU-dropout-conv; Ho et al. 2020, App. B.
 
     With ``scale_shift=True`` the time embedding modulates the second norm as
-    ``GN(h) * (1 + scale) + shift`` (Dhariwal & Nichol 2021, Sec. 3, "AdaGN").
+    ``GN(h) * (1 + scale) + shift`` (Dhariwal & Nichol 2021, Sec. 3, "AdaGN"). With ``emb_dim=None`` the
+    block has no time input at all: the autoencoder's block (Rombach et al. 2022, App. G), ``forward(x)``.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, emb_dim: int, num_groups: int,
+    def __init__(self, in_ch: int, out_ch: int, *, emb_dim: int | None, num_groups: int,
                  dropout: float = 0.0, scale_shift: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.emb_proj = None if emb_dim is None else nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(num_groups, out_ch)
         self.dropout = dropout
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.scale_shift = scale_shift
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x (B, in_ch, H, W), emb = SiLU(time embedding) (B, emb_dim) -> (B, out_ch, H, W)."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb = SiLU(time embedding) (B, emb_dim) or None -> (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb_proj(emb)[:, :, None, None]  # (B, out_ch or 2*out_ch, 1, 1)
-        if self.scale_shift:
+        if self.emb_proj is None:
+            h = self.norm2(h)
+        elif emb is None:
+            raise ValueError("emb is required: this ResBlock was built with a time embedding (emb_dim is set)")
+        elif self.scale_shift:
+            e = self.emb_proj(emb)[:, :, None, None]  # (B, 2*out_ch, 1, 1)
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h + self.emb_proj(emb)[:, :, None, None])
         h = F.silu(h)
         if self.dropout > 0:
             h = F.dropout(h, p=self.dropout, training=self.training)

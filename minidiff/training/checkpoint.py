@@ -6,6 +6,7 @@ Two kinds of file, both safetensors (tensors + a str -> str metadata dict):
 |----------------|---------------------|--------------------------------------------------------------------------|
 | training state | ``save_checkpoint`` | model, EMA, optimizer, LR scheduler, step, RNG states, config (JSON)      |
 | inference only | ``save_model``      | (EMA) weights, optionally float16, ``alphas_cumprod``, model spec (JSON) |
+| autoencoder    | ``save_vae``        | autoencoder weights and ``scaling_factor``, its ``VAEConfig`` (JSON)      |
 
 Tensor keys are prefixed by what they belong to (``model.``, ``ema.``, ``optim.<param id>.``, ``gen.``,
 ``rng.``, ``extra.``); everything that is not a tensor is JSON in the metadata.
@@ -21,10 +22,12 @@ import torch
 from minidiff.files import CheckpointError, atomic_write_bytes, read_metadata, read_safetensors, write_safetensors
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
-           "save_model", "load_model", "read_metadata", "TRAIN_FORMAT", "MODEL_FORMAT"]
+           "save_model", "load_model", "save_vae", "load_vae", "read_metadata", "TRAIN_FORMAT", "MODEL_FORMAT",
+           "VAE_FORMAT"]
 
 TRAIN_FORMAT = "minidiff-checkpoint-v1"
 MODEL_FORMAT = "minidiff-model-v1"
+VAE_FORMAT = "minidiff-vae-v1"
 
 
 def _prefixed(prefix: str, tensors: dict) -> dict:
@@ -171,3 +174,31 @@ def load_model(path, *, device=None, clip_x0: bool = False):
     denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0,
                         image_shape=spec.get("image_shape"))
     return denoiser.to(device or "cpu").eval()
+
+
+def save_vae(path, vae, *, card: dict | None = None) -> Path:
+    """Save an ``AutoencoderKL`` (float32 weights and its ``scaling_factor`` buffer) with its config as JSON;
+    ``card`` (optional) goes beside it as ``<path without suffix>.json``."""
+    metadata = {"format": VAE_FORMAT, "spec": json.dumps({"vae": asdict(vae.config)})}
+    write_safetensors(path, _prefixed("vae.", vae.state_dict()), metadata)
+    if card is not None:
+        atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def load_vae(path, *, device=None):
+    """Rebuild the ``AutoencoderKL`` saved by ``save_vae`` (eval mode); errors name the file and what to do."""
+    from minidiff.models.vae import AutoencoderKL, VAEConfig
+
+    tensors, metadata = read_safetensors(path, expect_format=VAE_FORMAT)
+    try:
+        vae = AutoencoderKL(VAEConfig(**json.loads(metadata["spec"])["vae"]))
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: its spec is not a valid VAEConfig ({err}); the file was edited: re-export "
+                              "it, or reinstall minidiff for the shipped autoencoder") from None
+    try:
+        vae.load_state_dict(_unprefixed("vae.", tensors))
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit the architecture in its spec; the spec was edited: "
+                              f"re-export the autoencoder ({str(err).splitlines()[0]})") from None
+    return vae.to(device or "cpu").eval()

@@ -101,8 +101,9 @@ def model_card(run_dir, *, dtype: str) -> dict:
             "exported": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def export_run(run_dir, path, *, dtype: str = "float16") -> Path:
-    """Write the EMA weights of ``run_dir``'s checkpoint as an inference-only model file plus a model card."""
+def export_run(run_dir, path, *, dtype: str = "float16", image_shape=None, class_names=None) -> Path:
+    """Write the EMA weights of ``run_dir``'s checkpoint as an inference-only model file plus a model card;
+    ``image_shape`` and ``class_names`` default to those of the run's dataset (give them for latent models)."""
     from minidiff.data.datasets import CLASS_NAMES
     from minidiff.denoiser import Denoiser
     from minidiff.models.unet import UNet, UNetConfig
@@ -116,9 +117,11 @@ def export_run(run_dir, path, *, dtype: str = "float16") -> Path:
     ema = EMA(net, config.ema_decay)
     load_checkpoint(ckpt, ema=ema, restore_rng=False)
     ema.copy_to(net)
-    card = {**model_card(run_dir, dtype=dtype), "class_names": list(CLASS_NAMES[config.dataset])}
+    card = {**model_card(run_dir, dtype=dtype),
+            "class_names": list(class_names if class_names is not None else CLASS_NAMES[config.dataset])}
     c = net.config.in_channels
-    image_shape = (c, 32, 32) if config.dataset == "cifar10" else (c, 28, 28)  # the datasets load_dataset serves
+    if image_shape is None:  # the datasets load_dataset serves
+        image_shape = (c, 32, 32) if config.dataset == "cifar10" else (c, 28, 28)
     denoiser = Denoiser(net, make_alphas_cumprod(config), config.prediction, image_shape=image_shape)
     return save_model(path, denoiser, schedule=config.schedule, dtype=getattr(torch, dtype), card=card)
 

@@ -65,7 +65,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Validate every field at once, so a bad value fails before any data is loaded or a model is built."""
-        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("dataset", self.dataset, DATASETS + LATENT_DATASETS)
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("schedule", self.schedule, tuple(SCHEDULES))
@@ -94,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"unet overrides {self.unet} are not UNetConfig fields: {err}") from None
 
 
+# Latent datasets are built from an autoencoder by ``minidiff.training.latent`` and passed to ``train(data=...)``.
+LATENT_DATASETS = ("shapes64-latents",)
+
+
 def _check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -113,8 +117,10 @@ def make_alphas_cumprod(config: TrainConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, image_shape, n_per_class: int = 8):
-    """Save a PNG grid sampled from ``net`` with a fixed seed (one row per class when conditional)."""
+def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, image_shape, n_per_class: int = 8,
+                decode=None):
+    """Save a PNG grid sampled from ``net`` with a fixed seed (one row per class when conditional); ``decode`` maps
+    samples to images in [-1, 1] first (a latent model's autoencoder)."""
     device = next(net.parameters()).device
     c = net.config
     denoiser, extra = Denoiser(net, alphas_cumprod, config.prediction), None
@@ -127,7 +133,9 @@ def sample_grid(net: nn.Module, alphas_cumprod, config: TrainConfig, path, *, im
     x = sample(denoiser, (n, *image_shape), sampling_sigmas(alphas_cumprod, config.sample_steps),
                sampler=config.sampler, generator=torch.Generator(device).manual_seed(config.seed),
                device=device, extra_args=extra)
-    save_image((x.float().cpu() + 1) / 2, path, nrow=n_per_class, padding=1)
+    if decode is not None:
+        x = decode(x)
+    save_image((x.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=n_per_class, padding=1)
     return x
 
 
@@ -217,7 +225,7 @@ def _batch(data, config: TrainConfig, run: dict):
     return x0, (data.labels[idx].to(run["device"]) if config.conditional else None)
 
 
-def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, image_shape) -> None:
+def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, image_shape, decode) -> None:
     """Every 10 steps show loss and img/s; every sample_every/ckpt_every steps (and at the end) save."""
     last = done == config.steps
     if done % 10 == 0 or last:
@@ -230,30 +238,35 @@ def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, i
         _save(out_dir / "checkpoint.safetensors", config, run, done)
     if done % config.sample_every == 0 or last:
         sample_grid(_ema_net(run), run["alphas_cumprod"], config, out_dir / "samples" / f"step_{done:07d}.png",
-                    image_shape=image_shape)
+                    image_shape=image_shape, decode=decode)
     if done % 10 == 0:
         run["t_window"] = time.perf_counter()
 
 
 def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, data=None, val_data=None,
-          progress: bool = True, command: str | None = None) -> dict:
+          progress: bool = True, command: str | None = None, decode=None) -> dict:
     """Train as ``config`` says; samples go to ``out_dir/samples``, the checkpoint to ``out_dir/checkpoint.safetensors``.
 
     Returns {"net", "ema", "ema_net", "optimizer", "scheduler", "alphas_cumprod", "history", "step"};
     ``history["loss"][i]`` is the loss of step i; ``history["val_loss"]`` the validation loss at the steps in
     ``history["val_step"]``. ``data`` (anything with ``.images``, ``.labels``, ``.class_names``) replaces
     ``load_dataset(config.dataset)``; ``val_data`` the images of the validation loss (see ``_validation_set``).
+    A latent model gets its latents as ``data`` and its autoencoder's ``decode_latents`` as ``decode`` (for the
+    sample grids), as ``minidiff.training.latent`` does.
     """
+    if data is None and config.dataset in LATENT_DATASETS:
+        raise ValueError(f"dataset {config.dataset!r} is made of an autoencoder's latents: pass them as data= "
+                         f"(see minidiff.training.latent), or choose one of {DATASETS}")
     device = device if isinstance(device, torch.device) else get_device(device)
     check_out_dir(Path(out_dir))
     lock = acquire_lock(Path(out_dir))
     try:
-        return _train(config, Path(out_dir), resume, device, data, val_data, progress, command)
+        return _train(config, Path(out_dir), resume, device, data, val_data, progress, command, decode)
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, progress, command) -> dict:
+def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, progress, command, decode) -> dict:
     """The loop of ``train`` (called with the run folder locked)."""
     val_set = _validation_set(config, data, val_data)
     data = data if data is not None else load_dataset(config.dataset)
@@ -271,7 +284,7 @@ def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, p
         run["ema"].update(run["net"])
         for key, value in out.items():
             run["history"][key].append(value)
-        _after_step(step + 1, config, run, Path(out_dir), bar, tuple(data.images.shape[1:]))
+        _after_step(step + 1, config, run, Path(out_dir), bar, tuple(data.images.shape[1:]), decode)
     bar.close()
     return {**{k: run[k] for k in ("net", "ema", "optimizer", "scheduler", "alphas_cumprod", "history")},
             "ema_net": _ema_net(run), "step": max(run["start"], config.steps)}
