@@ -47,6 +47,14 @@ def test_build_check_reports_stale_and_extra_exercises(tmp_path):
     assert assignments.main(["build", "--check", "--solutions", str(sol), "--exercises", str(ex)]) == 1
 
 
+def test_every_assignment_with_checks_has_a_solution_and_an_exercise():
+    with_checks = {name.split(".")[0] for name in checks.TASKS}
+    notebooks = {nbformat.read(p, as_version=4).metadata["minidiff"]["assignment"]: p.name for p in SOLUTIONS}
+    assert set(notebooks) == with_checks == {"A1", "A2", "A3", "A4", "A5"}
+    assert all((ROOT / "exercises" / name).is_file() for name in notebooks.values())
+    assert all(name.startswith(f"{a}_") for a, name in notebooks.items())  # the grader's file-name fallback
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
 def test_solution_notebook_is_clean_and_its_metadata_matches_the_checks(path):
     nb = nbformat.read(path, as_version=4)

@@ -88,11 +88,25 @@ def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
     return cfg_combine(x0_cond, x0_uncond, guidance_scale)
 
 
+def reparameterize(mean, logvar, eps):
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + torch.exp(logvar) - 1 - logvar).flatten(1).sum(dim=1)
+
+
+def scaling_factor(latents):
+    return 1.0 / latents.std().item()
+
+
 CORRECT = {
     "A1.linear_alphas_cumprod": linear_alphas_cumprod, "A1.cosine_alphas_cumprod": cosine_alphas_cumprod,
     "A1.q_sample": q_sample, "A1.snr": snr, "A2.ddpm_loss": ddpm_loss, "A2.ddpm_step": ddpm_step,
     "A3.ddim_step": ddim_step, "A3.euler_step": euler_step, "A3.heun_step": heun_step,
     "A4.condition_dropout": condition_dropout, "A4.cfg_combine": cfg_combine, "A4.cfg_denoise": cfg_denoise,
+    "A5.reparameterize": reparameterize, "A5.kl_diagonal_gaussian": kl_diagonal_gaussian,
+    "A5.scaling_factor": scaling_factor,
 }
 
 
@@ -213,6 +227,16 @@ WRONG = [
     ("A4.cfg_denoise", lambda den, x, s, y, null, w: cfg_combine(*reversed(den(torch.cat([x, x]), torch.cat([s, s]), class_labels=torch.cat([y, torch.full_like(y, null)])).chunk(2)), w), "inverted"),
     ("A4.cfg_denoise", lambda den, x, s, y, null, w: cfg_combine(*den(torch.cat([x, x]), torch.cat([s, s]), class_labels=torch.cat([y, y])).chunk(2), w), "unconditional half needs null_id"),
     ("A4.cfg_denoise", lambda den, x, s, y, null, w: cfg_combine(*den(torch.cat([x, x]), s, class_labels=torch.cat([y, torch.full_like(y, null)])).chunk(2), w), "raised ValueError"),
+    # A5
+    ("A5.reparameterize", lambda mean, logvar, eps: mean + torch.exp(logvar) * eps, "the variance, as the scale of eps"),
+    ("A5.reparameterize", lambda mean, logvar, eps: torch.exp(0.5 * logvar) * eps, "forgot the mean"),
+    ("A5.reparameterize", lambda mean, logvar, eps: mean + torch.exp(0.5 * logvar) * torch.randn_like(mean), "draws its own random numbers"),
+    ("A5.kl_diagonal_gaussian", lambda mean, logvar: kl_diagonal_gaussian(mean, logvar) * 2, "forgot the factor 0.5"),
+    ("A5.kl_diagonal_gaussian", lambda mean, logvar: kl_diagonal_gaussian(mean, logvar).sum(), "sums over the batch too"),
+    ("A5.kl_diagonal_gaussian", lambda mean, logvar: 0.5 * (mean**2 + torch.exp(logvar) - logvar).flatten(1).sum(1), "forgot the -1"),
+    ("A5.scaling_factor", lambda latents: latents.std().item(), "returns the std of the latents"),
+    ("A5.scaling_factor", lambda latents: 1 / latents.std(dim=(0, 2, 3)), "returns one factor per channel"),
+    ("A5.scaling_factor", lambda latents: 1 / latents.var().item(), "divides by the variance"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Planted mistakes for every graded task: each check must NAME the mistake, not only report a difference.
 
-Issue "Assignment checks that name the mistake": for each of the 12 tasks, at least six realistic mistakes of
+Issue "Assignment checks that name the mistake": for each graded task (A1-A5), at least six realistic mistakes of
 different kinds (math and conventions, ignored inputs, broadcasting, clamping, dtype, in-place edits, calling the
 library function the task asks to write, ...) are planted, counting those of tests/test_checks.py and
 tests/test_checks_diagnose.py; this file adds new ones, of kinds those files do not cover for that task. Each is a
@@ -459,6 +459,135 @@ def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
     x0_cond, x0_uncond = denoiser(x_in, torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
     return cfg_combine(x0_cond, x0_uncond, guidance_scale)
 """, ["returns dtype torch.float64, expected torch.float32", "Keep the dtype of x"]),
+    # ------------------------------------------------------------------------- A5.reparameterize
+    ("A5.reparameterize", "exp(logvar): the variance as the scale", """
+def reparameterize(mean, logvar, eps):
+    return mean + torch.exp(logvar) * eps
+""", ["uses exp(logvar), the variance", "exp(0.5 * logvar)"]),
+    ("A5.reparameterize", "logvar used directly as the std", """
+def reparameterize(mean, logvar, eps):
+    return mean + logvar * eps
+""", ["uses logvar itself as the standard deviation"]),
+    ("A5.reparameterize", "0.5 * logvar without the exp", """
+def reparameterize(mean, logvar, eps):
+    log_std = 0.5 * logvar
+    return mean + log_std * eps
+""", ["uses 0.5 * logvar = log(std) without the exp"]),
+    ("A5.reparameterize", "forgot the mean", """
+def reparameterize(mean, logvar, eps):
+    std = torch.exp(0.5 * logvar)
+    return std * eps
+""", ["forgot the mean"]),
+    ("A5.reparameterize", "draws its own eps", """
+def reparameterize(mean, logvar, eps):
+    std = torch.exp(0.5 * logvar)
+    return mean + std * torch.randn_like(std)
+""", ["draws its own random numbers", "use the noise"]),
+    ("A5.reparameterize", "a fixed seed, so eps is ignored", """
+def reparameterize(mean, logvar, eps):
+    torch.manual_seed(0)
+    noise = torch.randn(mean.shape, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise
+""", ["ignores its input `eps`"]),
+    ("A5.reparameterize", "adds to mean in place", """
+def reparameterize(mean, logvar, eps):
+    return mean.add_(torch.exp(0.5 * logvar) * eps)
+""", ["modifies its argument `mean` in place"]),
+    ("A5.reparameterize", "calls the library's DiagonalGaussian", """
+def reparameterize(mean, logvar, eps):
+    from minidiff.models import vae
+    d = vae.DiagonalGaussian(mean, logvar)
+    return d.mean + d.std * eps
+""", ["calls the library's reference minidiff.models.vae.DiagonalGaussian"]),
+    ("A5.reparameterize", "computes in float64", """
+def reparameterize(mean, logvar, eps):
+    return mean.double() + torch.exp(0.5 * logvar.double()) * eps.double()
+""", ["returns dtype torch.float64, expected torch.float32", "Keep the dtype of mean"]),
+    # ------------------------------------------------------------------------- A5.kl_diagonal_gaussian
+    ("A5.kl_diagonal_gaussian", "missing the 0.5", """
+def kl_diagonal_gaussian(mean, logvar):
+    return (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(dim=1)
+""", ["forgot the factor 0.5"]),
+    ("A5.kl_diagonal_gaussian", "mean over the latent elements", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).mean(dim=1)
+""", ["averages over the latent elements", "their sum"]),
+    ("A5.kl_diagonal_gaussian", "sums over the batch too", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * torch.sum(mean**2 + logvar.exp() - 1 - logvar)
+""", ["sums over the batch too", "shape (B,)"]),
+    ("A5.kl_diagonal_gaussian", "sign error on the logvar term", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 + logvar).flatten(1).sum(dim=1)
+""", ["wrong sign on the logvar term"]),
+    ("A5.kl_diagonal_gaussian", "the std where the variance is needed", """
+def kl_diagonal_gaussian(mean, logvar):
+    std = torch.exp(0.5 * logvar)
+    return 0.5 * (mean**2 + std - 1 - logvar).flatten(1).sum(dim=1)
+""", ["uses the std exp(0.5 * logvar) where the variance exp(logvar) is needed"]),
+    ("A5.kl_diagonal_gaussian", "forgot the -1", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - logvar).flatten(1).sum(dim=1)
+""", ["forgot the -1"]),
+    ("A5.kl_diagonal_gaussian", "returns -KL, the ELBO's term", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (1 + logvar - mean**2 - logvar.exp()).flatten(1).sum(dim=1)
+""", ["returns -KL"]),
+    ("A5.kl_diagonal_gaussian", "sums over dims (1, 2, 3) only: fails on (B, D) latents", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+""", ["raised IndexError", "Hint: here the latents are vectors (B, D)", ".flatten(1).sum(dim=1)"]),
+    ("A5.kl_diagonal_gaussian", "no sum: the per-element terms", """
+def kl_diagonal_gaussian(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar)
+""", ["returns the KL of every latent element"]),
+    ("A5.kl_diagonal_gaussian", "calls DiagonalGaussian.kl", """
+def kl_diagonal_gaussian(mean, logvar):
+    from minidiff.models.vae import DiagonalGaussian
+    return DiagonalGaussian(mean, logvar).kl()
+""", ["calls the library's reference minidiff.models.vae.DiagonalGaussian"]),
+    # ------------------------------------------------------------------------- A5.scaling_factor
+    ("A5.scaling_factor", "the std instead of its inverse", """
+def scaling_factor(latents):
+    return latents.std().item()
+""", ["returns the std of the latents", "its inverse"]),
+    ("A5.scaling_factor", "per-channel std: a tensor instead of one number", """
+def scaling_factor(latents):
+    return 1 / latents.std(dim=(0, 2, 3))
+""", ["returns one factor per channel", "one number"]),
+    ("A5.scaling_factor", "1 / variance", """
+def scaling_factor(latents):
+    return 1 / latents.var().item()
+""", ["divides by the variance"]),
+    ("A5.scaling_factor", "1 / max |z|", """
+def scaling_factor(latents):
+    return 1 / latents.abs().max().item()
+""", ["divides by the largest |z|"]),
+    ("A5.scaling_factor", "1 / mean |z|", """
+def scaling_factor(latents):
+    return 1 / latents.abs().mean().item()
+""", ["divides by the mean absolute value"]),
+    ("A5.scaling_factor", "Stable Diffusion's constant", """
+def scaling_factor(latents):
+    return 0.18215
+""", ["returns Stable Diffusion's 0.18215"]),
+    ("A5.scaling_factor", "root mean square: the mean not subtracted", """
+def scaling_factor(latents):
+    return 1 / math.sqrt((latents**2).mean().item())
+""", ["does not subtract the latents' mean"]),
+    ("A5.scaling_factor", "average of the per-channel stds", """
+def scaling_factor(latents):
+    return 1 / latents.std(dim=(0, 2, 3)).mean().item()
+""", ["averages the per-channel stds"]),
+    ("A5.scaling_factor", "per-sample std", """
+def scaling_factor(latents):
+    return 1 / latents.flatten(1).std(dim=1)
+""", ["returns one value per sample"]),
+    ("A5.scaling_factor", "centres the latents in place", """
+def scaling_factor(latents):
+    latents -= latents.mean()
+    return 1 / latents.pow(2).mean().sqrt().item()
+""", ["modifies its argument `latents` in place"]),
 ]
 
 
@@ -651,6 +780,35 @@ def cfg_denoise(denoiser, x, sigma, class_labels, null_id, guidance_scale):
     labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_id)])
     x0_cond, x0_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels_in).chunk(2)
     return torch.lerp(x0_uncond, x0_cond, guidance_scale)
+"""),
+    ("A5.reparameterize", "sqrt(exp(logvar)) and torch.addcmul", """
+def reparameterize(mean, logvar, eps):
+    return torch.addcmul(mean, torch.sqrt(torch.exp(logvar)), eps)
+"""),
+    ("A5.reparameterize", "a log-std, then exp", """
+def reparameterize(mean, logvar, eps):
+    log_std = logvar / 2
+    return eps * log_std.exp() + mean
+"""),
+    ("A5.kl_diagonal_gaussian", "the ELBO form negated, reshape(B, -1)", """
+def kl_diagonal_gaussian(mean, logvar):
+    return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).reshape(len(mean), -1).sum(-1)
+"""),
+    ("A5.kl_diagonal_gaussian", "a loop over the samples", """
+def kl_diagonal_gaussian(mean, logvar):
+    out = []
+    for m, lv in zip(mean, logvar):
+        out.append(0.5 * (m**2 + torch.exp(lv) - 1 - lv).sum())
+    return torch.stack(out)
+"""),
+    ("A5.scaling_factor", "np.std (no Bessel correction), a NumPy float32", """
+def scaling_factor(latents):
+    return 1 / np.std(latents.numpy())
+"""),
+    ("A5.scaling_factor", "a 0-d tensor, the std written out", """
+def scaling_factor(latents):
+    centred = latents - latents.mean()
+    return centred.pow(2).sum().div(latents.numel() - 1).rsqrt()
 """),
 ]
 

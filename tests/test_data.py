@@ -152,3 +152,14 @@ def test_smoke_mode_still_uses_real_data_when_present(default_root, monkeypatch)
     monkeypatch.setenv("MINIDIFF_SMOKE", "1")
     ds = data.load_dataset("fashion-mnist", "test", download=False)
     assert not ds.stand_in and ds.images.shape == (10000, 1, 28, 28)
+
+
+def test_half_extracted_cifar_names_the_folder_and_the_fix(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"\x80\x04 truncated")  # an interrupted extraction: one partial batch
+    with pytest.raises(ValueError) as info:
+        data.load_dataset("cifar10", root=tmp_path, download=False)
+    msg = str(info.value)
+    assert str(folder) in msg and "incomplete or damaged" in msg
+    assert "delete that folder" in msg and "cifar-10-python.tar.gz" in msg

@@ -12,7 +12,7 @@ from minidiff.course import checks
 from minidiff.course.assignments import ROOT
 from minidiff.course.grade import grade_all, main
 
-NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance"]
+NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance", "A5_latent_space"]
 SNR = "def snr(alphas_cumprod):\n    return alphas_cumprod / (1 - alphas_cumprod)"
 Q_SAMPLE = ("def q_sample(x0, t, noise, alphas_cumprod):\n"
             "    ab = alphas_cumprod[t].to(x0.dtype).reshape(-1, 1, 1, 1)\n"
@@ -49,8 +49,10 @@ def test_every_fresh_exercise_scores_zero_and_gets_a_report(course_reports):
         assert (out / f"exercises__{n}.txt").read_text().count("NotImplementedError") >= len(r["tasks"])
         assert [q["answer"] for q in r["questions"]] == ["YOUR ANSWER HERE"] * len(r["questions"])
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert len(rows) == 8 and {row["student"] for row in rows} >= {"solutions__A1_forward_process", "exercises__A4_guidance"}
+    assert len(rows) == 2 * len(NAMES)
+    assert {row["student"] for row in rows} >= {"solutions__A1_forward_process", "exercises__A5_latent_space"}
     assert json.loads((out / "solutions__A3_samplers.json").read_text())["score"] == 8
+    assert json.loads((out / "solutions__A5_latent_space.json").read_text())["score"] == 7
 
 
 def _notebook(path, sources):

@@ -87,26 +87,31 @@ class VAETrainConfig:
     preset: str = "f4"
     n_train: int = 20_000  # shapes images at 64x64, seed 0 (the test split is seed 1)
     image_size: int = 64
-    steps: int = 1100
-    batch_size: int = 64
+    crop: int | None = 32  # train on random crop x crop patches (the net is convolutional): 4x more steps per second
+    steps: int = 7000
+    batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
     kl_weight: float = 1e-5
     perceptual_weight: float = 0.1
     max_grad_norm: float = 1.0
-    ckpt_every: int = 100
+    ckpt_every: int = 500
     seed: int = 0
 
-    RESUMABLE = ("steps", "ckpt_every")
+    # Only this may change on --resume: ``steps`` sets the length of the cosine decay, so a longer run is a new run.
+    RESUMABLE = ("ckpt_every",)
 
     def __post_init__(self):
         if self.preset not in VAE_PRESETS:
             raise ValueError(f"preset must be one of {list(VAE_PRESETS)}, got {self.preset!r}")
+        for name in ("steps", "warmup"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("n_train", "image_size", "batch_size", "ckpt_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.steps < 0 or self.warmup < 0:
-            raise ValueError(f"steps and warmup must be >= 0, got steps={self.steps}, warmup={self.warmup}")
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop % 4 or not 4 <= self.crop <= self.image_size):
+            raise ValueError(f"crop must be None or a multiple of 4 in [4, image_size={self.image_size}], got {self.crop!r}")
         if not self.lr > 0 or self.kl_weight < 0 or self.perceptual_weight < 0 or not self.max_grad_norm > 0:
             raise ValueError(f"need lr > 0, kl_weight >= 0, perceptual_weight >= 0, max_grad_norm > 0; got lr={self.lr}, "
                              f"kl_weight={self.kl_weight}, perceptual_weight={self.perceptual_weight}, "
@@ -185,12 +190,23 @@ def train_vae(config: VAETrainConfig, out_dir, *, resume: bool = False, device=N
         lock.unlink(missing_ok=True)
 
 
+def random_crops(images: torch.Tensor, crop: int | None, *, generator: torch.Generator, align: int = 4) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` patch per image, at offsets that are multiples of ``align`` (None: the images)."""
+    if crop is None or crop == images.shape[-1] == images.shape[-2]:
+        return images
+    H, W = images.shape[-2:]
+    ys = torch.randint((H - crop) // align + 1, (len(images),), generator=generator) * align
+    xs = torch.randint((W - crop) // align + 1, (len(images),), generator=generator) * align
+    return torch.stack([img[:, y:y + crop, x:x + crop] for img, y, x in zip(images, ys.tolist(), xs.tolist())])
+
+
 def _loop(config: VAETrainConfig, run: dict, images: torch.Tensor, device, out_dir: Path, progress: bool) -> None:
     vae, optimizer = run["vae"].train(), run["optimizer"]
     bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
     for step in bar:
         idx = torch.randint(len(images), (config.batch_size,), generator=run["generators"]["data"])
-        out = vae_loss(vae, images[idx].to(device), feature_distance=run["distance"],
+        x = random_crops(images[idx], config.crop, generator=run["generators"]["data"])
+        out = vae_loss(vae, x.to(device), feature_distance=run["distance"],
                        perceptual_weight=config.perceptual_weight, kl_weight=config.kl_weight,
                        generator=run["generators"]["noise"])
         if not torch.isfinite(out["loss"]):
@@ -204,8 +220,8 @@ def _loop(config: VAETrainConfig, run: dict, images: torch.Tensor, device, out_d
         for k, v in out.items():
             run["history"][k].append(float(v.detach()))
         done = step + 1
-        if done % 10 == 0:
-            bar.set_postfix(rec=f"{sum(run['history']['rec'][-10:]) / 10:.4f}", kl=f"{float(out['kl']):.2f}")
+        if done % 50 == 0:
+            bar.set_postfix(rec=f"{sum(run['history']['rec'][-50:]) / 50:.4f}", kl=f"{float(out['kl']):.2f}")
         if done % config.ckpt_every == 0 or done == config.steps:
             _save(out_dir / "checkpoint.safetensors", config, run, done)
     bar.close()
@@ -221,7 +237,8 @@ def _parser():
     tr = sub.add_parser("train", help="train, checkpointing to OUT/checkpoint.safetensors")
     defaults = VAETrainConfig()
     for name, value in asdict(defaults).items():
-        tr.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = (lambda v: None if v.lower() == "none" else int(v)) if name == "crop" else type(value)
+        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     tr.add_argument("--out", required=True, help="run folder")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     tr.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
