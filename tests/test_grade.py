@@ -66,9 +66,34 @@ def broken_reports(tmp_path_factory):
     crash = _notebook(d / "A1_crash.ipynb", ["import torch", SNR, "1 / 0", "import os\nos._exit(1)", Q_SAMPLE, FAKE])
     loop = _notebook(d / "A1_loop.ipynb", [SNR, "while True:\n    pass", "from minidiff.course.checks import check\n"
                                            "check('A1.snr', snr)"])
+    tamper = _notebook(d / "A1_tamper.ipynb", [TAMPER_FILES, TAMPER_PATCH, "def snr(alphas_cumprod):\n    return alphas_cumprod"])
     out = d / "reports"
-    assert main([str(crash), str(loop), "--out", str(out), "--timeout", "60", "--cell-timeout", "3"]) == 0
-    return out, {p: json.loads((out / f"{p}.json").read_text()) for p in ("A1_crash", "A1_loop")}
+    assert main([str(crash), str(loop), str(tamper), "--out", str(out), "--timeout", "60", "--cell-timeout", "3"]) == 0
+    return out, {p: json.loads((out / f"{p}.json").read_text()) for p in ("A1_crash", "A1_loop", "A1_tamper")}
+
+
+# A student cell that plants a fake minidiff whose checks pass everything, first on sys.path ...
+TAMPER_FILES = ("import pathlib, sys\n"
+                "fake = pathlib.Path('fake_site/minidiff/course/checks')\n"
+                "fake.mkdir(parents=True, exist_ok=True)\n"
+                "for d in ('fake_site/minidiff', 'fake_site/minidiff/course'):\n"
+                "    (pathlib.Path(d) / '__init__.py').write_text('')\n"
+                "(fake / '__init__.py').write_text('def regrade(*a, **k):\\n    pass\\n')\n"
+                "sys.path.insert(0, str(pathlib.Path('fake_site').resolve()))")
+# ... and patches the real checks and torch in the kernel, so that every comparison passes there.
+TAMPER_PATCH = ("import torch\nimport minidiff.course.checks as c\n"
+                "c.run_task = lambda name, fn, **kw: c.CheckResult(name, True, 1, 1, 'PASS', 'pass')\n"
+                "torch.allclose = lambda *a, **k: True")
+
+
+def test_tampering_in_the_notebook_does_not_reach_the_fresh_recheck(broken_reports):
+    _, reports = broken_reports
+    r = reports["A1_tamper"]
+    snr = {t["task"]: t for t in r["tasks"]}["A1.snr"]
+    assert snr["points"] == 0 and not snr["passed"] and snr["status"] == "fail"
+    assert r["recheck"]["returncode"] == 0 and r["recheck"]["process"].startswith("fresh")
+    flagged = " ".join(n for n in r["notes"] if n.startswith("for the teacher"))
+    assert "sys.path.insert" in flagged and "torch.allclose = " in flagged
 
 
 def test_a_crashing_notebook_keeps_the_points_it_earned(broken_reports):

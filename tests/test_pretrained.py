@@ -1,15 +1,19 @@
 """Pretrained loader: round trip through a weights folder, unknown names, damaged files, shipped models, and a
 quality floor on the shipped class-conditional model that a broken model cannot pass."""
+import copy
 import json
 
 import pytest
 import torch
 
 from minidiff import pretrained
+from minidiff.data.shapes import make_shapes
 from minidiff.denoiser import Denoiser
 from minidiff.eval import class_accuracy, load_classifier
+from minidiff.eval.metrics import psnr
 from minidiff.guidance import CFGDenoiser
 from minidiff.models.unet import unet_from_preset
+from minidiff.models.vae import AutoencoderKL, reconstruct
 from minidiff.samplers import sample
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training.checkpoint import CheckpointError, save_model
@@ -75,13 +79,47 @@ def test_corrupted_model_card_gives_clear_error(weights_dir):
 def test_every_shipped_model_loads_and_samples(name):
     """Each model shipped in minidiff/weights loads on CPU, has a model card and samples finite images."""
     card = pretrained.model_card(name)
+    model = pretrained.load(name)
+    if isinstance(model, AutoencoderKL):  # an autoencoder: encode and decode a shapes image
+        assert json.dumps(card) and "vae" in card and card["sha256"]
+        x = make_shapes(2, size=64, seed=5)[0]
+        assert model.decode_latents(model.encode_latents(x)).shape == x.shape
+        return
     assert json.dumps(card) and "config" in card
-    denoiser = pretrained.load(name)
-    c = denoiser.net.config
+    c = model.net.config
+    shape = tuple(model.image_shape) if model.image_shape is not None else (c.in_channels, 28, 28)
     extra = {"class_labels": torch.arange(2)} if c.num_classes is not None else None
-    x = sample(denoiser, (2, c.in_channels, 28, 28), sampling_sigmas(denoiser.alphas_cumprod, 4, "leading"),
+    x = sample(model, (2, *shape), sampling_sigmas(model.alphas_cumprod, 4, "leading"),
                generator=torch.Generator().manual_seed(0), device="cpu", extra_args=extra)
-    assert x.shape == (2, c.in_channels, 28, 28) and torch.isfinite(x).all()
+    assert x.shape == (2, *shape) and torch.isfinite(x).all()
+    if "latent" in card:  # a latent model decodes through the autoencoder its card names
+        assert not model.clip_x0
+        assert pretrained.model_card(card["latent"]["vae"])["sha256"] == card["latent"]["vae_sha256"]
+
+
+# ----------------------------------------------------------------------------- the shipped autoencoder's bar
+@pytest.fixture(scope="module")
+def shapes_vae():
+    if "shapes64-vae" not in pretrained.available():
+        pytest.skip("shapes64-vae is not shipped in minidiff/weights")
+    return pretrained.load("shapes64-vae")
+
+
+def test_shipped_autoencoder_reconstructs_held_out_images_and_its_scaled_latents_have_unit_std(shapes_vae):
+    """64 images the autoencoder never saw (seed 7; training used seed 0, the card's test set seed 1): PSNR >= 30 dB
+    (the card: 40.9 dB on 1000) and the std of scaled posterior samples in [0.9, 1.1] (the card: 0.994)."""
+    x = make_shapes(64, size=64, seed=7)[0]
+    assert psnr(x, reconstruct(shapes_vae, x)).mean() >= 30.0
+    z = shapes_vae.encode_latents(x, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (64, 4, 16, 16) and 0.9 <= float(z.std()) <= 1.1
+
+
+def test_a_broken_autoencoder_fails_the_bar(shapes_vae):
+    broken = copy.deepcopy(shapes_vae)
+    with torch.no_grad():
+        broken.decoder[-1].weight.mul_(0.5)  # a decoder whose output layer lost half its gain
+    x = make_shapes(64, size=64, seed=7)[0]
+    assert psnr(x, reconstruct(broken, x)).mean() < 30.0
 
 
 # ----------------------------------------------------------------------------- quality floor of the shipped model

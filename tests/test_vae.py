@@ -1,8 +1,8 @@
 """The KL autoencoder: shapes, the posterior against torch.distributions, clear errors, the scaling factor, its file
 format, the LPIPS-style feature distance, and a resumable trainer that is bit-for-bit."""
-import numpy as np
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -299,7 +299,7 @@ TRAIN_IMAGES = _images(64, 16, seed=3)
 
 
 def _config(steps, **kw):
-    base = {"n_train": 64, "image_size": 16, "steps": steps, "batch_size": 4, "ckpt_every": 2}
+    base = {"n_train": 64, "image_size": 16, "crop": None, "steps": steps, "batch_size": 4, "ckpt_every": 2}
     return VAETrainConfig(**{**base, **kw})
 
 
@@ -349,3 +349,16 @@ def test_extending_steps_is_refused_because_the_cosine_decay_depends_on_them(tmp
     _train(_config(4, warmup=2), tmp_path / "part")
     with pytest.raises(ValueError, match="config differs.*'steps': \\(4, 6\\)"):
         _train(_config(6, warmup=2), tmp_path / "part", resume=True)
+
+
+def test_the_same_trainer_takes_greyscale_28x28_images(tmp_path):
+    """Fashion-MNIST through the same code: 1 channel, 28 = 4 * 7, the feature distance on the Fashion-MNIST classifier."""
+    from minidiff.data import load_dataset
+    images = load_dataset("fashion-mnist", "test").images[:32]
+    result = train_vae(VAETrainConfig(n_train=32, steps=2, batch_size=4, ckpt_every=2, crop=None), tmp_path,
+                       images=images, device="cpu", progress=False)
+    vae = result["vae"]
+    assert vae.config.in_channels == 1 and vae.encode(images[:2]).mean.shape == (2, 4, 7, 7)
+    assert all(np.isfinite(result["history"]["loss"]))
+    with pytest.raises(ValueError, match=r"images must be \(N, 1 or 3, H, W\)"):
+        train_vae(VAETrainConfig(steps=1), tmp_path / "bad", images=images[:, :, None], device="cpu", progress=False)

@@ -4,9 +4,10 @@
 
 For each notebook: execute every code cell in a fresh kernel (errors do not stop later cells; a cell running past
 ``--cell-timeout`` is interrupted; cells after the ``--timeout`` budget are skipped; a dead kernel is restarted
-and the earlier cells replayed, without the one that killed it). Then a grader cell re-imports minidiff.course.checks
-from disk and re-runs the check of every task of the assignment on the functions the notebook defined: points
-come from this re-run, never from what the notebook printed or logged. Writes ``OUT/<name>.json``,
+and the earlier cells replayed, without the one that killed it). Then a fresh Python process imports the installed
+minidiff's checks first, executes only the definitions of the cells that ran (``course/recheck.py``), and re-runs
+the check of every task on those functions: points come from this re-run, never from what the notebook printed or
+logged, and nothing a student cell did to files, ``sys.path``, import hooks or ``torch`` reaches it. Writes ``OUT/<name>.json``,
 ``OUT/<name>.txt``, ``OUT/<name>.executed.ipynb`` and, for all notebooks, ``OUT/summary.csv``.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from minidiff.course import checks
+from minidiff.course.recheck import recheck, suspicious_lines
 from minidiff.utils import command_line
 
 __all__ = ["grade_notebook", "grade_all", "main"]
@@ -164,24 +166,17 @@ def grade_notebook(path: Path, *, timeout: float = 120, cell_timeout: int = 60) 
                     continue
                 runner.run_cell(cell, index)
             names = [t.name for t in tasks]
-            grader_cell = nbformat.v4.new_code_cell(
-                "import sys as _sys\n"
-                "for _m in [m for m in _sys.modules if m == 'minidiff' or m.startswith('minidiff.')]:\n"
-                "    del _sys.modules[_m]\n"
-                "import minidiff.course.checks as _grader_checks\n"
-                f"_grader_checks.regrade(globals(), {names!r}, log_path={str(log)!r}, nonce={nonce!r}, "
-                f"time_limit={RECHECK_SECONDS})")
-            grader_cell.metadata["minidiff"] = {"grader": True}
-            nb.cells.append(grader_cell)
-            runner.client.timeout = RECHECK_SECONDS * len(names) + 60
-            runner.run_cell(grader_cell, len(nb.cells) - 1)
-            if nonce not in (log.read_text(encoding="utf-8") if log.exists() else ""):
-                report["notes"].append("the grader's re-check failed in the notebook's kernel; it was run again in "
-                                       "a fresh kernel after replaying the cells that ran")
-                runner.done = [i for i in runner.done if i != len(nb.cells) - 1]
-                runner.errors = [e for e in runner.errors if e["cell"] != len(nb.cells) - 1]
-                runner._restart()
-                runner.run_cell(grader_cell, len(nb.cells) - 1)
+            ran = sorted(i for i in runner.done if i not in runner.timed_out and i not in runner.killers)
+            sources = [nb.cells[i].source for i in ran]
+            outcome = recheck(sources, names, log_path=log, nonce=nonce, time_limit=RECHECK_SECONDS,
+                              timeout=RECHECK_SECONDS * len(names) + 60)
+            report["recheck"] = {"process": "fresh (python -I -m minidiff.course.recheck)",
+                                 "returncode": outcome["returncode"], "skipped_definitions": outcome["skipped"]}
+            if outcome["returncode"] != 0:
+                report["notes"].append(f"the grader's re-check process failed: {outcome['output'][-500:]}")
+            for line in suspicious_lines(sources):
+                report["notes"].append(f"for the teacher: a cell touches the import system, builtins or library "
+                                       f"attributes (the re-check does not run it): {line[:160]}")
         finally:
             runner.stop()
         lines = [json.loads(s) for s in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
@@ -198,7 +193,7 @@ def grade_notebook(path: Path, *, timeout: float = 120, cell_timeout: int = 60) 
                                    f"(the function was changed after its check, or the result was faked)")
         report["tasks"].append(r)
     report["score"] = sum(r["points"] for r in report["tasks"])
-    code_cells = [i for i, c in enumerate(nb.cells[:-1]) if c.cell_type == "code"]
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     report["cells"] = {"code": len(code_cells), "errors": runner.errors, "timed_out": runner.timed_out,
                        "killed_kernel": runner.killers, "skipped": runner.skipped}
     report["status"] = ("crashed" if runner.killers else "timeout" if runner.timed_out or runner.skipped

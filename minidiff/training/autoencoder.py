@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -134,15 +134,17 @@ def _schedule(config: VAETrainConfig):
     return factor
 
 
-def _setup(config: VAETrainConfig, device: torch.device) -> dict:
+def _setup(config: VAETrainConfig, device: torch.device, in_channels: int = 3) -> dict:
+    """The autoencoder (``in_channels`` from the data), optimizer, schedule, generators and the feature distance:
+    on the shapes classifier for RGB data, on the Fashion-MNIST classifier for greyscale (MNIST family)."""
     from minidiff.eval.classifiers import load_classifier
     torch.manual_seed(config.seed)
-    vae = AutoencoderKL(VAE_PRESETS[config.preset]).to(device)
+    vae = AutoencoderKL(replace(VAE_PRESETS[config.preset], in_channels=in_channels)).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     gens = {"data": torch.Generator().manual_seed(config.seed),
             "noise": torch.Generator(device).manual_seed(config.seed + 1)}
-    dist = FeatureDistance(load_classifier("shapes", device=device))
+    dist = FeatureDistance(load_classifier("shapes" if in_channels == 3 else "fashion-mnist", device=device))
     return {"vae": vae, "optimizer": optimizer, "scheduler": scheduler, "generators": gens, "distance": dist,
             "start": 0, "history": {"loss": [], "rec": [], "perceptual": [], "kl": []}, "sessions": []}
 
@@ -170,7 +172,8 @@ def train_vae(config: VAETrainConfig, out_dir, *, resume: bool = False, device=N
               progress: bool = True, command: str | None = None) -> dict:
     """Train an autoencoder as ``config`` says, checkpointing to ``out_dir/checkpoint.safetensors``.
 
-    ``images`` (N, 3, H, W) replaces the shapes training set. Returns {"vae", "history", "step"}.
+    ``images`` (N, C, H, W), C = 1 or 3, replaces the shapes training set: e.g. ``load_dataset("fashion-mnist").images``
+    with ``crop=None`` or a crop <= 28 (28 = 4 * 7, so f = 4 works). Returns {"vae", "history", "step"}.
     """
     device = device if isinstance(device, torch.device) else get_device(device)
     out_dir = Path(out_dir)
@@ -178,7 +181,9 @@ def train_vae(config: VAETrainConfig, out_dir, *, resume: bool = False, device=N
     lock = acquire_lock(out_dir)
     try:
         images = images if images is not None else shapes64(config.n_train, seed=0)
-        run = _setup(config, device)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be (N, 1 or 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        run = _setup(config, device, images.shape[1])
         if resume and (out_dir / "checkpoint.safetensors").exists():
             _resume(out_dir / "checkpoint.safetensors", config, run)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -192,7 +197,7 @@ def train_vae(config: VAETrainConfig, out_dir, *, resume: bool = False, device=N
 
 def random_crops(images: torch.Tensor, crop: int | None, *, generator: torch.Generator, align: int = 4) -> torch.Tensor:
     """One random ``crop`` x ``crop`` patch per image, at offsets that are multiples of ``align`` (None: the images)."""
-    if crop is None or crop == images.shape[-1] == images.shape[-2]:
+    if crop is None or (crop >= images.shape[-1] and crop >= images.shape[-2]):
         return images
     H, W = images.shape[-2:]
     ys = torch.randint((H - crop) // align + 1, (len(images),), generator=generator) * align

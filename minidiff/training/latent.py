@@ -47,7 +47,7 @@ def shapes64_latents(vae, *, n: int = 20_000, seed: int = 2, cache_dir=None, pro
 
 def latent_config(**overrides) -> TrainConfig:
     """The shipped latent model's config: the "tiny" U-Net on 4-channel 16x16 latents, eps-prediction, cosine."""
-    base = dict(dataset="shapes64-latents", preset="tiny", prediction="eps", schedule="cosine", steps=2000,
+    base = dict(dataset="shapes64-latents", preset="tiny", prediction="v", schedule="cosine", steps=6000,
                 batch_size=64, lr=1e-3, warmup=100, sample_every=1000, ckpt_every=250, val_every=250,
                 sample_guidance=2.0, unet={"attn_levels": [2]})
     return TrainConfig(**{**base, **overrides})
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     tr = sub.add_parser("train")
     tr.add_argument("--out", required=True)
     tr.add_argument("--vae", default="shapes64-vae", help="a shipped autoencoder (minidiff.pretrained.available())")
-    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--steps", type=int, default=6000)
     tr.add_argument("--n", type=int, default=20_000, help="training images (encoded once, cached)")
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--threads", type=int, default=None)
