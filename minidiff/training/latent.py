@@ -24,8 +24,8 @@ from minidiff.data.shapes import COLORS, SHAPES, ShapesDataset, make_shapes
 from minidiff.training.loop import TrainConfig, train
 from minidiff.utils import command_line
 
-__all__ = ["CLASS_NAMES", "labels_of", "shapes64_latents", "latent_config", "evaluate_latent", "load_latent_pipeline",
-           "export_latent", "main"]
+__all__ = ["CLASS_NAMES", "labels_of", "shapes64_latents", "latent_config", "evaluate_latent", "export_latent",
+           "main"]
 
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)  # label = color * len(SHAPES) + shape
 
@@ -79,16 +79,9 @@ def evaluate_latent(denoiser, vae, *, n: int = 1000, guidance: float = 2.0, step
             "wall_time_s": round(gen.wall_time_s, 1)}, gen
 
 
-def load_latent_pipeline(name: str = "shapes64-latent", *, device=None):
-    """(denoiser, vae) of a shipped latent model and the autoencoder named in its model card."""
-    from minidiff.pretrained import load, model_card
-    vae_name = model_card(name)["latent"]["vae"]
-    return load(name, device=device), load(vae_name, device=device)
-
-
 def export_latent(run_dir, path, *, vae_name: str = "shapes64-vae", n_eval: int = 1000) -> Path:
     """Write the EMA weights of a latent run as ``path`` with a model card naming its autoencoder and its metrics."""
-    from minidiff.files import file_sha256
+    from minidiff.files import atomic_write_bytes, file_sha256
     from minidiff.pretrained import load, model_card
     from minidiff.training.checkpoint import load_model
     from minidiff.training.cli import export_run
@@ -103,7 +96,7 @@ def export_latent(run_dir, path, *, vae_name: str = "shapes64-vae", n_eval: int 
                 data="one-object shapes at 64x64 (make_shapes(20000, size=64, seed=2, max_objects=1)), encoded with "
                      "the autoencoder's posterior mean times its scaling factor",
                 metrics=metrics, eval_wall_time_s=round(time.perf_counter() - t0, 1), sha256=file_sha256(path))
-    Path(path).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
     return Path(path)
 
 
