@@ -16,7 +16,7 @@ from torch import nn
 
 from minidiff.utils import rand
 
-__all__ = ["CFGDenoiser", "rescale_guidance", "condition_dropout"]
+__all__ = ["CFGDenoiser", "rescale_guidance", "condition_dropout", "caption_dropout"]
 
 
 def _check_scales(guidance_scale: float, guidance_rescale: float) -> None:
@@ -113,3 +113,19 @@ def condition_dropout(labels: torch.Tensor, p: float, null_id: int, *,
         raise ValueError(f"labels must be an int64 tensor, got {type(labels).__name__} {getattr(labels, 'dtype', '')}")
     drop = rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_id), labels)
+
+
+def caption_dropout(tokens: torch.Tensor, token_mask: torch.Tensor, p: float, *, empty: tuple,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each prompt (a row of tokens (B, L) and mask (B, L)) by the empty prompt ``empty`` = (ids (1, L),
+    mask (1, L)) with probability p: condition dropout for text (Ho & Salimans 2022, Alg. 1; Rombach et al. 2022
+    drop 10% of captions). One draw per prompt, so a dropped prompt loses all its words, never some."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p (caption dropout probability) must be in [0, 1], got {p}")
+    empty_ids, empty_mask = empty
+    if tokens.ndim != 2 or token_mask.shape != tokens.shape or empty_ids.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"tokens and token_mask must be (B, L) and empty (1, L) with the same L, got "
+                         f"{tuple(tokens.shape)}, {tuple(token_mask.shape)} and {tuple(empty_ids.shape)}")
+    drop = (rand((tokens.shape[0],), generator=generator) < p).to(tokens.device)[:, None]  # (B, 1)
+    return (torch.where(drop, empty_ids.to(tokens.device), tokens),
+            torch.where(drop, empty_mask.to(token_mask.device), token_mask))

@@ -1,5 +1,6 @@
 """The course's pretrained models: ``load("fashion-mnist-cond")`` returns a ready denoiser,
-``load("shapes64-vae")`` the course's autoencoder (``AutoencoderKL``).
+``load("shapes64-vae")`` the course's autoencoder (``AutoencoderKL``), and ``load_pipeline("shapes64-text")`` the
+course's text-to-image model bundled with its autoencoder (``TextToImagePipeline``).
 
 Each model is two files in ``minidiff/weights/``: ``<name>.safetensors`` (EMA weights, alphas_cumprod
 and the spec to rebuild the net, written by ``minidiff.training.checkpoint.save_model`` through
@@ -12,16 +13,17 @@ import json
 from pathlib import Path
 
 from minidiff.files import WEIGHTS_DIR, CheckpointError, read_metadata
-from minidiff.training.checkpoint import MODEL_FORMAT, VAE_FORMAT, load_model, load_vae
+from minidiff.training.checkpoint import (MODEL_FORMAT, TEXT_MODEL_FORMAT, VAE_FORMAT, load_model, load_text_model,
+                                         load_vae)
 
-__all__ = ["WEIGHTS_DIR", "available", "load", "model_card"]
+__all__ = ["WEIGHTS_DIR", "available", "load", "load_pipeline", "model_card"]
 
 
 def _is_denoiser_file(path: Path) -> bool:
     """True for files written by ``save_model`` or ``save_vae`` (and for damaged ones, so that ``load`` reports the
     damage); False for other safetensors files in the folder, such as the evaluator classifiers."""
     try:
-        return read_metadata(path).get("format") in (MODEL_FORMAT, VAE_FORMAT)
+        return read_metadata(path).get("format") in (MODEL_FORMAT, VAE_FORMAT, TEXT_MODEL_FORMAT)
     except CheckpointError:
         return True
 
@@ -52,10 +54,15 @@ def load(name: str, *, device=None, weights_dir=None, clip_x0: bool | None = Non
     """
     path = _path(name, weights_dir, ".safetensors")
     try:
-        if read_metadata(path).get("format") == VAE_FORMAT:
+        fmt = read_metadata(path).get("format")
+        if fmt == VAE_FORMAT:
             if clip_x0 is not None:
                 raise ValueError(f"clip_x0 applies to denoisers; {name!r} is an autoencoder")
             return load_vae(path, device=device)
+        if fmt == TEXT_MODEL_FORMAT:
+            if clip_x0:
+                raise ValueError(f"clip_x0 applies to pixel-space denoisers; {name!r} is a latent text model")
+            return load_text_model(path, device=device)
         if clip_x0 is None:
             clip_x0 = not model_card(name, weights_dir=weights_dir).get("latent", False) \
                 if path.with_suffix(".json").is_file() else True
@@ -74,3 +81,24 @@ def model_card(name: str, *, weights_dir=None) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"model card {path} is corrupted (invalid JSON): {e}") from e
+
+
+def load_pipeline(name: str, *, device=None, weights_dir=None):
+    """The text-to-image pipeline ``name`` ("shapes64-text"): its denoiser (U-Net + text encoder) and the
+    autoencoder its model card names, checked by hash, as a ``TextToImagePipeline``."""
+    from minidiff.pipelines.text_to_image import TextToImagePipeline
+    path = _path(name, weights_dir, ".safetensors")
+    if read_metadata(path).get("format") != TEXT_MODEL_FORMAT:
+        text_models = [n for n in available(weights_dir=weights_dir)
+                       if read_metadata(_path(n, weights_dir, ".safetensors")).get("format") == TEXT_MODEL_FORMAT]
+        raise ValueError(f"{name!r} is not a text-to-image model; load it with load({name!r}). "
+                         f"Text-to-image models: {text_models}")
+    card = model_card(name, weights_dir=weights_dir)
+    denoiser = load(name, device=device, weights_dir=weights_dir)
+    vae = load(card["latent"]["vae"], device=device, weights_dir=weights_dir)
+    found = model_card(card["latent"]["vae"], weights_dir=weights_dir).get("sha256")
+    if card["latent"].get("vae_sha256") not in (None, found):
+        raise CheckpointError(f"{name!r} was trained on the latents of another {card['latent']['vae']!r} "
+                              f"(sha256 {card['latent']['vae_sha256'][:12]}..., installed {str(found)[:12]}...): "
+                              "reinstall minidiff, or retrain the text model on this autoencoder")
+    return TextToImagePipeline(denoiser, vae, name=name, card=card)

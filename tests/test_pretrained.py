@@ -85,6 +85,13 @@ def test_every_shipped_model_loads_and_samples(name):
         x = make_shapes(2, size=64, seed=5)[0]
         assert model.decode_latents(model.encode_latents(x)).shape == x.shape
         return
+    if hasattr(model.net, "text_encoder"):  # a text-to-image model: through its pipeline, with its autoencoder
+        assert json.dumps(card) and "train" in card and card["latent"]["vae"] in pretrained.available()
+        pipe = pretrained.load_pipeline(name)
+        x = pipe.text_to_image(["a small red circle", ""], steps=4, generator=torch.Generator().manual_seed(0),
+                               progress=False)
+        assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all() and x.abs().max() <= 1
+        return
     assert json.dumps(card) and "config" in card
     c = model.net.config
     shape = tuple(model.image_shape) if model.image_shape is not None else (c.in_channels, 28, 28)

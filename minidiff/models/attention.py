@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionBlock"]
+__all__ = ["AttentionBlock", "record_cross_attention"]
 
 
 class AttentionBlock(nn.Module):
@@ -34,6 +34,8 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         self.context_dim = context_dim
+        self.record = False  # True: keep the cross-attention probabilities of the last call in ``attention_maps``
+        self.attention_maps = None  # (B, heads, H*W, L) when recorded
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(channels)
             self.q_cross = nn.Linear(channels, channels)
@@ -72,8 +74,46 @@ class AttentionBlock(nn.Module):
             # to all tokens, then zero its output, so "all masked" equals "no context".
             keep_row = context_mask.any(dim=1)  # (B,)
             mask = (context_mask | ~keep_row[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v), attn_mask=mask)
+        k, v = self._heads(k), self._heads(v)  # (B, heads, L, d)
+        if self.record:  # the same softmax written out, to keep the probabilities for pictures
+            logits = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, heads, HW, L)
+            p = logits.masked_fill(~mask, float("-inf")).softmax(-1) if mask is not None else logits.softmax(-1)
+            self.attention_maps = p.detach()
+            h = p @ v
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = self.proj_cross(self._merge(h))  # (B, HW, C)
         if keep_row is not None:
             h = h * keep_row[:, None, None].to(h.dtype)
         return h
+
+
+class record_cross_attention:
+    """Context manager: ``with record_cross_attention(net) as maps: net(...)``; then ``maps`` is a list with one
+    (B, heads, H, W, L) tensor per cross-attention block, in forward order (for per-word attention pictures)."""
+
+    def __init__(self, net: nn.Module):
+        self.blocks = [m for m in net.modules() if isinstance(m, AttentionBlock) and m.context_dim is not None]
+        if not self.blocks:
+            raise ValueError("record_cross_attention: this net has no cross-attention (build it with context_dim=D)")
+        self.maps: list[torch.Tensor] = []
+        self._hooks = []
+
+    def _hook(self, block, inputs, output) -> None:
+        if block.attention_maps is not None:
+            B, heads, N, L = block.attention_maps.shape
+            H, W = output.shape[-2:]
+            self.maps.append(block.attention_maps.view(B, heads, H, W, L))
+            block.attention_maps = None
+
+    def __enter__(self) -> list:
+        for block in self.blocks:
+            block.record = True
+            self._hooks.append(block.register_forward_hook(self._hook))
+        return self.maps
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
+            block.record, block.attention_maps = False, None
+        for hook in self._hooks:
+            hook.remove()

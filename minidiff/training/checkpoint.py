@@ -7,6 +7,7 @@ Two kinds of file, both safetensors (tensors + a str -> str metadata dict):
 | training state | ``save_checkpoint`` | model, EMA, optimizer, LR scheduler, step, RNG states, config (JSON)      |
 | inference only | ``save_model``      | (EMA) weights, optionally float16, ``alphas_cumprod``, model spec (JSON) |
 | autoencoder    | ``save_vae``        | autoencoder weights and ``scaling_factor``, its ``VAEConfig`` (JSON)      |
+| text model     | ``save_text_model`` | U-Net + text encoder weights, ``alphas_cumprod``, both specs (JSON)       |
 
 Tensor keys are prefixed by what they belong to (``model.``, ``ema.``, ``optim.<param id>.``, ``gen.``,
 ``rng.``, ``extra.``); everything that is not a tensor is JSON in the metadata.
@@ -22,12 +23,13 @@ import torch
 from minidiff.files import CheckpointError, atomic_write_bytes, read_metadata, read_safetensors, write_safetensors
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
-           "save_model", "load_model", "save_vae", "load_vae", "read_metadata", "TRAIN_FORMAT", "MODEL_FORMAT",
-           "VAE_FORMAT"]
+           "save_model", "load_model", "save_vae", "load_vae", "save_text_model", "load_text_model", "read_metadata",
+           "TRAIN_FORMAT", "MODEL_FORMAT", "VAE_FORMAT", "TEXT_MODEL_FORMAT"]
 
 TRAIN_FORMAT = "minidiff-checkpoint-v1"
 MODEL_FORMAT = "minidiff-model-v1"
 VAE_FORMAT = "minidiff-vae-v1"
+TEXT_MODEL_FORMAT = "minidiff-text-model-v1"
 
 
 def _prefixed(prefix: str, tensors: dict) -> dict:
@@ -202,3 +204,35 @@ def load_vae(path, *, device=None):
         raise CheckpointError(f"{path}: the weights do not fit the architecture in its spec; the spec was edited: "
                               f"re-export the autoencoder ({str(err).splitlines()[0]})") from None
     return vae.to(device or "cpu").eval()
+
+
+def save_text_model(path, denoiser, *, card: dict | None = None) -> Path:
+    """Save a ``Denoiser`` around a ``TextConditionedNet``: weights, ``alphas_cumprod``, the U-Net's config and
+    the text encoder's spec (with its vocabulary); ``card`` (optional) beside it as JSON."""
+    net = denoiser.net
+    tensors = _prefixed("net.", {k: v.float() if v.dtype.is_floating_point else v for k, v in net.state_dict().items()})
+    tensors["alphas_cumprod"] = denoiser.alphas_cumprod.detach().to("cpu", torch.float64).contiguous()
+    spec = {"unet": asdict(net.unet.config), "encoder": net.text_encoder.spec(), "prediction": denoiser.prediction,
+            "image_shape": list(denoiser.image_shape)}
+    write_safetensors(path, tensors, {"format": TEXT_MODEL_FORMAT, "spec": json.dumps(spec)})
+    if card is not None:
+        atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def load_text_model(path, *, device=None):
+    """Rebuild the ``Denoiser`` (around a ``TextConditionedNet``) saved by ``save_text_model``, in eval mode."""
+    from minidiff.denoiser import Denoiser
+    from minidiff.models.text_encoder import TextConditionedNet, encoder_from_spec
+    from minidiff.models.unet import UNet, UNetConfig
+
+    tensors, metadata = read_safetensors(path, expect_format=TEXT_MODEL_FORMAT)
+    try:
+        spec = json.loads(metadata["spec"])
+        net = TextConditionedNet(UNet(UNetConfig(**spec["unet"])), encoder_from_spec(spec["encoder"]))
+        net.load_state_dict(_unprefixed("net.", tensors))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its spec or weights do not describe a text model ({str(err).splitlines()[0]}); "
+                              "re-export it, or reinstall minidiff for a shipped model") from None
+    denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], image_shape=spec["image_shape"])
+    return denoiser.to(device or "cpu").eval()

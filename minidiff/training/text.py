@@ -1,0 +1,305 @@
+"""Training the course's text-to-image model: latent diffusion with a text encoder trained jointly with the U-Net.
+
+    python -m minidiff.training.text train --out runs/shapes64-text --steps 8000
+    python -m minidiff.training.text export runs/shapes64-text minidiff/weights/shapes64-text.safetensors
+
+The data are 64x64 shapes scenes with one or two objects and their captions ("a small red circle left of a large
+blue cross"), encoded once by the course's autoencoder to 4x16x16 latents. Every (colour, shape) pair in
+``HELD_OUT`` is left out of training, in any slot, so the evaluation can ask how well the model composes
+attributes it has only seen apart. Captions are replaced by the empty prompt with probability ``p_uncond``
+(caption dropout), which trains the unconditional branch of classifier-free guidance (Ho & Salimans 2022).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from minidiff.data.latents import cached_latents
+from minidiff.data.shapes import COLORS, SHAPES, ShapesDataset, caption
+from minidiff.files import hardware_info
+from minidiff.guidance import caption_dropout
+from minidiff.losses import diffusion_loss
+from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
+from minidiff.models.unet import PRESETS, unet_from_preset
+from minidiff.schedules import alphas_cumprod_from_betas, make_betas
+from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from minidiff.training.rundir import acquire_lock, check_out_dir
+from minidiff.training.steps import EMA, _check_finite_step, make_optimizer
+from minidiff.utils import command_line, get_device
+
+__all__ = ["HELD_OUT", "ENCODERS", "TextTrainConfig", "held_out_mask", "shapes64_text_latents", "build_text_net",
+           "train_text", "train_shapes_clip", "SAMPLE_PROMPTS", "main"]
+
+HELD_OUT = (("red", "square"), ("green", "triangle"), ("blue", "circle"))  # 3 of the 30 (colour, shape) pairs
+ENCODERS = ("joint", "pooled", "clip")
+SAMPLE_PROMPTS = ("a large red circle", "a small blue square", "a large yellow triangle", "a small white cross",
+                  "a large green diamond", "a small purple circle", "a large red square", "a large blue circle",
+                  "a small red circle above a large blue square", "a large yellow cross left of a small green circle",
+                  "a small white diamond below a large purple triangle", "a large blue cross right of a small red diamond")
+
+
+@dataclass
+class TextTrainConfig:
+    """Everything that defines a text-model run; saved as JSON in every checkpoint."""
+
+    encoder: str = "joint"  # "joint" transformer, its "pooled" ablation, or a frozen tiny "clip"
+    encoder_layers: int = 2
+    encoder_dim: int = 128
+    prediction: str = "v"
+    schedule: str = "cosine"
+    T: int = 1000
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1  # caption dropout; 0.5 is known to make a model ignore its prompts
+    max_grad_norm: float = 1.0
+    ckpt_every: int = 250
+    sample_every: int = 1000
+    sample_guidance: float = 3.0
+    seed: int = 0
+    unet: dict = field(default_factory=lambda: {"attn_levels": [1, 2]})  # overrides of the "tiny" preset
+
+    RESUMABLE = ("steps", "ckpt_every", "sample_every", "sample_guidance")
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {list(ENCODERS)}, got {self.encoder!r}")
+        for name in ("steps", "batch_size", "ckpt_every", "sample_every", "encoder_layers", "encoder_dim", "T"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'steps' else 1}, got {getattr(self, name)}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
+
+
+def held_out_mask(attrs: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: True where a scene holds a (colour, shape) pair of ``HELD_OUT`` in either slot."""
+    pairs = {(COLORS.index(c), SHAPES.index(s)) for c, s in HELD_OUT}
+    attrs = torch.as_tensor(attrs)
+    hit = torch.zeros(len(attrs), dtype=torch.bool)
+    for color, shape in pairs:
+        for slot in (0, 3):
+            hit |= (attrs[:, slot] == shape) & (attrs[:, slot + 1] == color)
+    return hit
+
+
+def shapes64_text_latents(vae, *, n: int = 40_000, seed: int = 4, cache_dir=None, progress: bool = True):
+    """(latents (M, 4, 16, 16), attrs (M, 7), captions): the scenes among ``ShapesDataset(n, size=64, seed)``
+    (one or two objects) without a held-out pair, encoded once by ``vae`` and cached."""
+    shapes = ShapesDataset(n, size=64, seed=seed, max_objects=2)
+    attrs = torch.stack([shapes.layout(i)[0] for i in range(n)])
+    keep = (~held_out_mask(attrs)).nonzero().flatten()
+
+    def images():
+        return torch.stack([shapes[int(i)][0] for i in tqdm(keep, desc="rendering", disable=not progress)])
+    data_key = {"name": "shapes-text", "size": 64, "n": n, "seed": seed, "max_objects": 2, "held_out": HELD_OUT}
+    latents, kept_attrs = cached_latents(vae, images, data_key, labels=attrs[keep], cache_dir=cache_dir,
+                                         progress=progress)
+    return latents, kept_attrs, [caption(a) for a in kept_attrs]
+
+
+def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
+    """The U-Net ("tiny" preset, 4 latent channels, cross-attention) behind the config's text encoder."""
+    if config.encoder == "clip":
+        if clip is None:
+            raise ValueError("encoder='clip' needs a trained tiny CLIP: build_text_net(config, clip=load_clip(...))")
+        encoder = clip.text_encoder(frozen=True)
+    else:
+        encoder = TransformerTextEncoder(dim=config.encoder_dim, layers=config.encoder_layers)
+        if config.encoder == "pooled":
+            encoder = PooledTextEncoder(encoder)
+    unet = unet_from_preset("tiny", **{"in_channels": 4, "out_channels": 4, "context_dim": encoder.dim,
+                                      **config.unet})
+    return TextConditionedNet(unet, encoder)
+
+
+@torch.no_grad()
+def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, decode=None, prompts=SAMPLE_PROMPTS,
+                        n_per_prompt: int = 4) -> torch.Tensor:
+    """A PNG with one row per prompt (fixed seed), CFG at ``config.sample_guidance``."""
+    from minidiff.denoiser import Denoiser
+    from minidiff.pipelines.text_to_image import text_to_image_latents
+    prompts = [p for p in prompts for _ in range(n_per_prompt)]
+    denoiser = Denoiser(net, alphas_cumprod, config.prediction, image_shape=(4, 16, 16))
+    z = text_to_image_latents(denoiser, net.text_encoder.tokenizer, prompts, guidance=config.sample_guidance,
+                              steps=20, generator=torch.Generator().manual_seed(config.seed), progress=False)
+    x = decode(z) if decode is not None else z[:, :3]
+    save_image((x.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=n_per_prompt, padding=1)
+    return x
+
+
+def _setup(config: TextTrainConfig, device, clip) -> dict:
+    torch.manual_seed(config.seed)
+    net = build_text_net(config, clip=clip).to(device)
+    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup)
+    gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
+    return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
+            "generators": gens, "alphas_cumprod": alphas_cumprod_from_betas(make_betas(config.schedule, config.T)),
+            "start": 0, "losses": [], "sessions": []}
+
+
+def _resume(path: Path, config: TextTrainConfig, run: dict) -> None:
+    saved = checkpoint_config(path)["train"]
+    mine = json.loads(json.dumps(asdict(config)))
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in config.RESUMABLE and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
+    state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],
+                            scheduler=run["scheduler"], generators=run["generators"])
+    run["start"], run["sessions"] = state["step"], state["config"].get("sessions", [])
+    run["losses"] = state["extra_tensors"]["loss"].tolist()
+
+
+def _save(path: Path, config: TextTrainConfig, run: dict, step: int) -> None:
+    run["sessions"][-1].update(end_step=step, wall_s=round(time.perf_counter() - run["t_start"], 1))
+    meta = {"train": asdict(config), "unet": asdict(run["net"].unet.config), "encoder": run["net"].text_encoder.spec(),
+            "sessions": run["sessions"]}
+    save_checkpoint(path, model=run["net"], step=step, ema=run["ema"], optimizer=run["optimizer"],
+                    scheduler=run["scheduler"], generators=run["generators"], config=meta,
+                    extra_tensors={"loss": torch.tensor(run["losses"], dtype=torch.float64)})
+
+
+def ema_net(run: dict) -> nn.Module:
+    """A copy of the run's net holding the EMA weights, in eval mode."""
+    return run["ema"].copy_to(copy.deepcopy(run["net"])).eval()
+
+
+def train_text(config: TextTrainConfig, out_dir, *, latents: torch.Tensor, captions, resume: bool = False,
+               device=None, decode=None, clip=None, progress: bool = True, command: str | None = None) -> dict:
+    """Train as ``config`` says on (latents, captions); checkpoint in ``out_dir/checkpoint.safetensors``, sample
+    grids in ``out_dir/samples``. Returns {"net", "ema_net", "alphas_cumprod", "losses", "step"}."""
+    if len(latents) != len(captions) or len(latents) == 0:
+        raise ValueError(f"latents and captions must be non-empty and of one length, got {len(latents)} and {len(captions)}")
+    device = device if isinstance(device, torch.device) else get_device(device)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    lock = acquire_lock(out_dir)
+    try:
+        run = _setup(config, device, clip)
+        if resume and (out_dir / "checkpoint.safetensors").exists():
+            _resume(out_dir / "checkpoint.safetensors", config, run)
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"]})
+        run["t_start"] = time.perf_counter()
+        _loop(config, run, out_dir, latents, captions, device, decode, progress)
+    finally:
+        lock.unlink(missing_ok=True)
+    return {"net": run["net"], "ema_net": ema_net(run), "alphas_cumprod": run["alphas_cumprod"],
+            "losses": run["losses"], "step": max(run["start"], config.steps)}
+
+
+def _loop(config, run, out_dir, latents, captions, device, decode, progress) -> None:
+    """The training loop: batch, caption dropout, denoising loss, AdamW step, EMA, checkpoint, sample grid."""
+    net, opt, sched = run["net"], run["optimizer"], run["scheduler"]
+    tokens, token_mask = net.text_encoder.tokenizer(list(captions))  # (N, L) each, tokenized once
+    empty = net.text_encoder.tokenizer([""])
+    bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(latents), (config.batch_size,), generator=run["generators"]["data"])
+        ids, mask = caption_dropout(tokens[idx], token_mask[idx], config.p_uncond, empty=empty,
+                                    generator=run["generators"]["data"])
+        net.train()
+        loss = diffusion_loss(net, latents[idx].to(device), run["alphas_cumprod"], config.prediction,
+                              generator=run["generators"]["noise"], tokens=ids.to(device), token_mask=mask.to(device))
+        _check_finite_step(loss.detach(), "loss", step, opt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.max_grad_norm)
+        opt.step()
+        sched.step()
+        run["ema"].update(net)
+        run["losses"].append(loss.item())
+        done = step + 1
+        if done % 10 == 0:
+            bar.set_postfix(loss=f"{sum(run['losses'][-10:]) / 10:.4f}")
+        if done % config.ckpt_every == 0 or done == config.steps:
+            _save(out_dir / "checkpoint.safetensors", config, run, done)
+        if done % config.sample_every == 0 or done == config.steps:
+            sample_prompts_grid(ema_net(run), run["alphas_cumprod"], config,
+                                out_dir / "samples" / f"step_{done:07d}.png", decode=decode)
+    bar.close()
+
+
+def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int = 5, argv=()) -> Path:
+    """Train the shipped tiny CLIP on ``n`` scenes without held-out pairs and save it with its card."""
+    from minidiff.files import WEIGHTS_DIR, file_sha256
+    from minidiff.models.clip import evaluate_clip, save_clip, train_clip
+    images, _, attrs = ShapesDataset(n, size=64, seed=seed, max_objects=2).tensors()
+    keep = ~held_out_mask(attrs)
+    t0 = time.perf_counter()
+    model = train_clip(images[keep], attrs[keep], steps=steps)
+    out = Path(out) if out else WEIGHTS_DIR / "shapes-clip.safetensors"
+    card = {"name": out.stem, "kind": "tiny CLIP (Radford et al. 2021) with NegCLIP hard negatives",
+            "data": f"ShapesDataset({n}, size=64, seed={seed}, max_objects=2) minus held-out pairs {HELD_OUT}, "
+                    "average-pooled to 32x32", "n_train": int(keep.sum()), "steps": steps, "batch_size": 128,
+            "params": sum(p.numel() for p in model.parameters()), "train_wall_time_s": round(time.perf_counter() - t0, 1),
+            "hardware": hardware_info(torch.device("cpu")),
+            "command": "python -m minidiff.training.text " + shlex.join(["train-clip", *argv[1:]])}
+    save_clip(out, model)
+    card.update(metrics=evaluate_clip(model), sha256=file_sha256(out))
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return out
+
+
+@command_line("python -m minidiff.training.text")
+def main(argv=None) -> None:
+    """``python -m minidiff.training.text train|export``: train or export the shipped text-to-image model."""
+    argv = list(argv or [])
+    parser = argparse.ArgumentParser(prog="python -m minidiff.training.text")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--vae", default="shapes64-vae", help="a shipped autoencoder (minidiff.pretrained.available())")
+    tr.add_argument("--encoder", default="joint", choices=ENCODERS)
+    tr.add_argument("--steps", type=int, default=8000)
+    tr.add_argument("--n", type=int, default=40_000, help="scenes generated before the held-out ones are removed")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--device", default=None)
+    cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
+    cl.add_argument("--out", default=None, help="default: minidiff/weights/shapes-clip.safetensors")
+    cl.add_argument("--steps", type=int, default=3000)
+    cl.add_argument("--n", type=int, default=20_000)
+    cl.add_argument("--threads", type=int, default=None)
+    ex = sub.add_parser("export")
+    ex.add_argument("run_dir")
+    ex.add_argument("path")
+    ex.add_argument("--n-eval", type=int, default=500, help="prompts per evaluation cell")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        from minidiff.eval.text import export_text_model
+        print(f"exported {export_text_model(args.run_dir, args.path, n_eval=args.n_eval)}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "train-clip":
+        print(f"wrote {train_shapes_clip(args.out, steps=args.steps, n=args.n, argv=argv)}")
+        return
+    from minidiff.pretrained import load
+    vae = load(args.vae)
+    clip = None
+    if args.encoder == "clip":
+        from minidiff.models.clip import load_clip
+        clip = load_clip("shapes-clip")
+    latents, _, captions = shapes64_text_latents(vae, n=args.n)
+    print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
+    train_text(TextTrainConfig(encoder=args.encoder, steps=args.steps), args.out, latents=latents, captions=captions,
+               resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
+               command="python -m minidiff.training.text " + shlex.join(argv))
+
+
+if __name__ == "__main__":
+    main()
