@@ -100,13 +100,25 @@ def scaling_factor(latents):
     return 1.0 / latents.std().item()
 
 
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    q, k, v = x @ w_q, context @ w_k, context @ w_v
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(dim=-1).nan_to_num(0.0)  # a prompt without a real token attends to nothing
+    return attn @ v, attn
+
+
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.rand((tokens.shape[0],), generator=generator) < p)[:, None]
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+
+
 CORRECT = {
     "A1.linear_alphas_cumprod": linear_alphas_cumprod, "A1.cosine_alphas_cumprod": cosine_alphas_cumprod,
     "A1.q_sample": q_sample, "A1.snr": snr, "A2.ddpm_loss": ddpm_loss, "A2.ddpm_step": ddpm_step,
     "A3.ddim_step": ddim_step, "A3.euler_step": euler_step, "A3.heun_step": heun_step,
     "A4.condition_dropout": condition_dropout, "A4.cfg_combine": cfg_combine, "A4.cfg_denoise": cfg_denoise,
     "A5.reparameterize": reparameterize, "A5.kl_diagonal_gaussian": kl_diagonal_gaussian,
-    "A5.scaling_factor": scaling_factor,
+    "A5.scaling_factor": scaling_factor, "A6.cross_attention": cross_attention, "A6.caption_dropout": caption_dropout,
 }
 
 
@@ -166,6 +178,15 @@ def _dropout(where_drop, fill=None):
         r = torch.rand(labels.shape, generator=generator)
         return torch.where(where_drop(r, p), torch.full_like(labels, null_id if fill is None else fill), labels)
     return dropout
+
+
+def _cross(scale=lambda d: 1 / math.sqrt(d), keep=lambda mask: mask[:, None, :], dim=-1):
+    def attention(x, context, context_mask, w_q, w_k, w_v):
+        q, k, v = x @ w_q, context @ w_k, context @ w_v
+        logits = (q @ k.transpose(1, 2) * scale(q.shape[-1])).masked_fill(~keep(context_mask), float("-inf"))
+        attn = logits.softmax(dim).nan_to_num(0.0)
+        return attn @ v, attn
+    return attention
 
 
 def _inplace_dropout(labels, p, null_id, *, generator=None):
@@ -237,6 +258,15 @@ WRONG = [
     ("A5.scaling_factor", lambda latents: latents.std().item(), "returns the std of the latents"),
     ("A5.scaling_factor", lambda latents: 1 / latents.std(dim=(0, 2, 3)), "returns one factor per channel"),
     ("A5.scaling_factor", lambda latents: 1 / latents.var().item(), "divides by the variance"),
+    # A6
+    ("A6.cross_attention", _cross(scale=lambda d: 1.0), "does not scale the logits"),
+    ("A6.cross_attention", _cross(keep=lambda mask: ~mask[:, None, :]), "inverts the mask"),
+    ("A6.cross_attention", _cross(dim=1), "softmax over the image tokens"),
+    ("A6.cross_attention", _cross(keep=lambda mask: torch.ones_like(mask)[:, None, :]), "ignores context_mask"),
+    ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: caption_dropout(ids, mask, p, e_ids, e_mask), "ignores the generator"),
+    ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: caption_dropout(ids, mask, p, torch.zeros_like(e_ids), torch.zeros_like(e_mask), generator=generator), "padding only"),
+    ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: (caption_dropout(ids, mask, p, e_ids, e_mask, generator=generator)[0], mask.clone()), "keeps its mask"),
+    ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: caption_dropout(ids, mask, 1 - p, e_ids, e_mask, generator=generator), "probability 1 - p"),
 ]
 
 
@@ -250,6 +280,32 @@ def test_wrong_answer_fails_naming_the_mistake(name, fn, phrase):
 def test_every_task_has_three_wrong_answers():
     counts = {name: sum(n == name for n, _, _ in WRONG) for name in checks.TASKS}
     assert min(counts.values()) >= 3, counts
+
+
+def test_a6_reference_is_the_library_cross_attention():
+    """The A6 check's reference is AttentionBlock's cross-attention with one head and no LayerNorm, projection or
+    biases (so d = C), a prompt of padding only included (output 0: "all masked" is "no context")."""
+    from torch import nn
+
+    from minidiff.course.checks.a6_text import reference_cross_attention
+    from minidiff.models.attention import AttentionBlock
+    g = torch.Generator().manual_seed(0)
+    B, N, L, C, D = 3, 6, 5, 8, 7
+    x, context = torch.randn(B, N, C, generator=g), torch.randn(B, L, D, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    w_q, w_k, w_v = (torch.randn(shape, generator=g) for shape in ((C, C), (D, C), (D, C)))
+    block = AttentionBlock(C, num_heads=1, num_groups=1, context_dim=D)
+    block.norm_cross, block.proj_cross = nn.Identity(), nn.Identity()
+    with torch.no_grad():
+        block.q_cross.weight.copy_(w_q.T)
+        block.kv_cross.weight.copy_(torch.cat([w_k, w_v], dim=1).T)
+        block.q_cross.bias.zero_()
+        block.kv_cross.bias.zero_()
+        out = block._cross(x, context, mask)
+    want_out, want_attn = reference_cross_attention(x, context, mask, w_q, w_k, w_v)
+    assert torch.allclose(out, want_out, atol=1e-5)
+    assert torch.allclose(want_attn[:2].sum(-1), torch.ones(2, N)) and not want_attn[2].any()
+    assert not want_attn[:2].masked_select(~mask[:2, None, :].expand(2, N, L)).any()  # padded keys: exactly 0
 
 
 # ----------------------------------------------------------------------------- robustness

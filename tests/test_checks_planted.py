@@ -1,6 +1,6 @@
 """Planted mistakes for every graded task: each check must NAME the mistake, not only report a difference.
 
-Issue "Assignment checks that name the mistake": for each graded task (A1-A5), at least six realistic mistakes of
+Issue "Assignment checks that name the mistake": for each graded task (A1-A6), at least six realistic mistakes of
 different kinds (math and conventions, ignored inputs, broadcasting, clamping, dtype, in-place edits, calling the
 library function the task asks to write, ...) are planted, counting those of tests/test_checks.py and
 tests/test_checks_diagnose.py; this file adds new ones, of kinds those files do not cover for that task. Each is a
@@ -38,6 +38,16 @@ def q_sample(x0, t, noise, alphas_cumprod):
 CFG_COMBINE = """
 def cfg_combine(x0_cond, x0_uncond, guidance_scale):
     return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+"""
+
+# A6: the first line of a cross_attention, and of a caption_dropout that draws one number per prompt.
+ATTENTION_HEAD = """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    q, k, v = x @ w_q, context @ w_k, context @ w_v
+"""
+DROPOUT_HEAD = """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.rand((tokens.shape[0],), generator=generator) < p)[:, None]
 """
 
 DDPM_HEAD = """
@@ -588,6 +598,211 @@ def scaling_factor(latents):
     latents -= latents.mean()
     return 1 / latents.pow(2).mean().sqrt().item()
 """, ["modifies its argument `latents` in place"]),
+    # ------------------------------------------------------------------------- A6.cross_attention
+    ("A6.cross_attention", "no 1/sqrt(d) scaling", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2)).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["does not scale the logits", "sqrt(d) = sqrt(4)"]),
+    ("A6.cross_attention", "divides by d", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / q.shape[-1]).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["divides the logits by d = 4", "1 / sqrt(d)"]),
+    ("A6.cross_attention", "divides by sqrt(C), the image tokens' width", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(x.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["divides the logits by sqrt(C) = sqrt(6)", "divide by sqrt(d)"]),
+    ("A6.cross_attention", "divides by sqrt(D), the context's width", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / context.shape[-1] ** 0.5).masked_fill(~context_mask[:, None, :], -math.inf)
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["divides the logits by sqrt(D) = sqrt(5)"]),
+    ("A6.cross_attention", "softmax over the query axis", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = torch.softmax(logits, dim=1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["takes the softmax over the image tokens (dim=1)"]),
+    ("A6.cross_attention", "mask inverted (nn.MultiheadAttention's key_padding_mask convention)", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["inverts the mask", "attends only to the padding"]),
+    ("A6.cross_attention", "mask ignored", ATTENTION_HEAD + """
+    attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1)
+    return attn @ v, attn
+""", ["ignores context_mask"]),
+    ("A6.cross_attention", "zeroed after the softmax, not renormalised", ATTENTION_HEAD + """
+    attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1) * context_mask[:, None, :]
+    return attn @ v, attn
+""", ["after the softmax without renormalising"]),
+    ("A6.cross_attention", "masked after the softmax and renormalised: underflows", ATTENTION_HEAD + """
+    attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1) * context_mask[:, None, :]
+    attn = (attn / attn.sum(-1, keepdim=True)).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["masks after the softmax and renormalises", "underflow"]),
+    ("A6.cross_attention", "masked_fill with 0 instead of -inf", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], 0)
+    attn = logits.softmax(-1)
+    return attn @ v, attn
+""", ["fills the padded logits with 0 instead of -inf"]),
+    ("A6.cross_attention", "a fill of -10: padded keys leak", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], -10.0)
+    attn = logits.softmax(-1)
+    return attn @ v, attn
+""", ["not exactly 0", "float('-inf')"]),
+    ("A6.cross_attention", "Q from the context, K and V from the image", """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    q, k, v = context @ w_q, x @ w_k, x @ w_v
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["computes Q from the context and K, V from the image tokens"]),
+    ("A6.cross_attention", "transposed weights (nn.Linear's (out, in) layout)", """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    q, k, v = F.linear(x, w_q), F.linear(context, w_k), F.linear(context, w_v)
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["uses the transposed weights"]),
+    ("A6.cross_attention", "NaN for a prompt of padding only", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1)
+    return attn @ v, attn
+""", ["gives NaN for a prompt with no real token (mask all False)"]),
+    ("A6.cross_attention", "-1e9 fill: a prompt of padding only attends uniformly", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], -1e9)
+    attn = logits.softmax(-1)
+    return attn @ v, attn
+""", ["attend uniformly to its padding", "attention 0 and output 0"]),
+    ("A6.cross_attention", "mask broadcast along the image tokens", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, :, None], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["applies the mask along the image tokens"]),
+    ("A6.cross_attention", "mask (B, L) not broadcast: a shape error with a hint", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask, float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["raised RuntimeError", "broadcasts to them as context_mask[:, None, :]"]),
+    ("A6.cross_attention", "a prefix mask from the lengths", ATTENTION_HEAD + """
+    lengths = context_mask.sum(dim=1, keepdim=True)
+    keep = torch.arange(context.shape[1]) < lengths
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~keep[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["treats the mask as a prefix"]),
+    ("A6.cross_attention", "forgot W_v: attn @ context", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ context, attn
+""", ["returns attn @ context"]),
+    ("A6.cross_attention", "the keys as the values", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ k, attn
+""", ["uses the keys as the values"]),
+    ("A6.cross_attention", "softmax by hand without the max: overflow", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    e = torch.exp(logits)
+    attn = (e / e.sum(dim=-1, keepdim=True)).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["without subtracting the row maximum", "overflows"]),
+    ("A6.cross_attention", "returns attn transposed", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn.transpose(1, 2)
+""", ["returns attn transposed"]),
+    ("A6.cross_attention", "returns only the output", ATTENTION_HEAD + """
+    mask = context_mask[:, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
+""", ["returns one tensor", "(out, attn)"]),
+    ("A6.cross_attention", "computes in float32", ATTENTION_HEAD + """
+    logits = (q.float() @ k.float().transpose(1, 2) / math.sqrt(q.shape[-1]))
+    attn = logits.masked_fill(~context_mask[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    return attn @ v.float(), attn
+""", ["returns dtype torch.float32, expected torch.float64", "Keep the dtype of x"]),
+    ("A6.cross_attention", "builds the library's AttentionBlock", """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    from minidiff.models.attention import AttentionBlock
+    block = AttentionBlock(w_q.shape[1], num_heads=1, num_groups=1, context_dim=context.shape[-1])
+    return block, None
+""", ["calls the library's reference minidiff.models.attention.AttentionBlock"]),
+    # ------------------------------------------------------------------------- A6.caption_dropout
+    ("A6.caption_dropout", "drops single tokens", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = torch.rand(tokens.shape, generator=generator) < p
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["drops single tokens", "one draw per row"]),
+    ("A6.caption_dropout", "keeps with probability p", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    keep = (torch.rand((tokens.shape[0],), generator=generator) < p)[:, None]
+    return torch.where(keep, tokens, empty_ids), torch.where(keep, token_mask, empty_mask)
+""", ["drops a prompt with probability 1 - p"]),
+    ("A6.caption_dropout", "draws with > p", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.rand((tokens.shape[0],), generator=generator) > p)[:, None]
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["drops a prompt with probability 1 - p", "torch.rand(...) < p"]),
+    ("A6.caption_dropout", "padding only instead of the empty prompt", DROPOUT_HEAD + """
+    return tokens.masked_fill(drop, 0), token_mask & ~drop
+""", ["replaces a dropped prompt with padding only", "<bos> <eos>"]),
+    ("A6.caption_dropout", "modifies the batch in place", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = torch.rand((tokens.shape[0],), generator=generator) < p
+    tokens[drop], token_mask[drop] = empty_ids, empty_mask
+    return tokens, token_mask
+""", ["modifies its argument `tokens` in place"]),
+    ("A6.caption_dropout", "ignores the generator", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.rand(tokens.shape[0]) < p)[:, None]
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["ignores the generator", "same seed"]),
+    ("A6.caption_dropout", "a fixed seed inside", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    g = torch.Generator().manual_seed(0)
+    drop = (torch.rand((tokens.shape[0],), generator=g) < p)[:, None]
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["ignores the generator", "two different generators"]),
+    ("A6.caption_dropout", "the first round(p * B) prompts, always", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.arange(len(tokens)) < round(p * len(tokens)))[:, None]
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["ignores the generator"]),
+    ("A6.caption_dropout", "replaces the ids, keeps the mask", DROPOUT_HEAD + """
+    return torch.where(drop, empty_ids, tokens), token_mask.clone()
+""", ["replaces the ids of a dropped prompt but keeps its mask"]),
+    ("A6.caption_dropout", "clears the mask, keeps the ids", DROPOUT_HEAD + """
+    return tokens.clone(), token_mask & ~drop
+""", ["changes the mask of a dropped prompt but keeps its ids"]),
+    ("A6.caption_dropout", "p = 0 returns the inputs themselves", DROPOUT_HEAD + """
+    if p == 0:
+        return tokens, token_mask
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["returns the input tensors themselves", "[case: p = 0"]),
+    ("A6.caption_dropout", "p = 1 returns the empty prompt itself", DROPOUT_HEAD + """
+    if p == 1:
+        return empty_ids, empty_mask
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+""", ["returns the empty prompt itself, shape (1, 16)", "[case: p = 1"]),
+    ("A6.caption_dropout", "one draw for the whole batch", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    if torch.rand(1, generator=generator).item() < p:
+        return empty_ids.repeat(len(tokens), 1), empty_mask.repeat(len(tokens), 1)
+    return tokens.clone(), token_mask.clone()
+""", ["one draw for the whole batch"]),
+    ("A6.caption_dropout", "returns (mask, ids)", DROPOUT_HEAD + """
+    return torch.where(drop, empty_mask, token_mask), torch.where(drop, empty_ids, tokens)
+""", ["returns (mask, ids)"]),
+    ("A6.caption_dropout", "float ids (torch.where with a float fill)", DROPOUT_HEAD + """
+    return torch.where(drop, empty_ids.float(), tokens.float()), torch.where(drop, empty_mask, token_mask)
+""", ["returns ids of dtype torch.float32", "int64"]),
+    ("A6.caption_dropout", "calls the library's caption_dropout", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    from minidiff import guidance
+    return guidance.caption_dropout(tokens, token_mask, p, empty=(empty_ids, empty_mask), generator=generator)
+""", ["calls the library's reference minidiff.guidance.caption_dropout"]),
 ]
 
 
@@ -809,6 +1024,52 @@ def scaling_factor(latents):
 def scaling_factor(latents):
     centred = latents - latents.mean()
     return centred.pow(2).sum().div(latents.numel() - 1).rsqrt()
+"""),
+    ("A6.cross_attention", "einsum, torch.where with -inf, NaN rows set to 0", """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    q = torch.einsum("bnc,cd->bnd", x, w_q)
+    k, v = torch.einsum("bld,de->ble", context, w_k), torch.einsum("bld,de->ble", context, w_v)
+    logits = torch.einsum("bnd,bld->bnl", q, k) / q.shape[-1] ** 0.5
+    attn = torch.softmax(torch.where(context_mask[:, None, :], logits, float("-inf")), dim=-1)
+    attn = torch.where(attn.isnan(), 0.0, attn)
+    return attn @ v, attn
+"""),
+    ("A6.cross_attention", "F.scaled_dot_product_attention for the output", ATTENTION_HEAD + """
+    attn = (q @ k.mT * q.shape[-1] ** -0.5).masked_fill(~context_mask.unsqueeze(1), -torch.inf).softmax(-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, :])
+    return out.nan_to_num(0.0), attn.nan_to_num(0.0)
+"""),
+    ("A6.cross_attention", "softmax by hand with the max subtracted, finite fill, a loop over the batch", """
+def cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    outs, attns = [], []
+    for xb, cb, mb in zip(x, context, context_mask):
+        q, k, v = xb @ w_q, cb @ w_k, cb @ w_v
+        logits = torch.where(mb, q @ k.T / math.sqrt(q.shape[1]), torch.finfo(x.dtype).min)
+        e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+        a = e / e.sum(dim=1, keepdim=True) if mb.any() else torch.zeros_like(e)
+        outs.append(a @ v)
+        attns.append(a)
+    return torch.stack(outs), torch.stack(attns)
+"""),
+    ("A6.caption_dropout", "clone and boolean indexing", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = torch.rand(len(tokens), generator=generator) < p
+    ids, mask = tokens.clone(), token_mask.clone()
+    ids[drop], mask[drop] = empty_ids, empty_mask
+    return ids, mask
+"""),
+    ("A6.caption_dropout", "a loop over the prompts, one draw each", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    rows = []
+    for ids, mask in zip(tokens, token_mask):
+        dropped = torch.rand(1, generator=generator).item() < p
+        rows.append((empty_ids[0], empty_mask[0]) if dropped else (ids, mask))
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+"""),
+    ("A6.caption_dropout", "integer draws (other random numbers, right statistics)", """
+def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
+    drop = (torch.randint(0, 1000, (len(tokens), 1), generator=generator) < 1000 * p)
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
 """),
 ]
 

@@ -332,4 +332,4 @@ def regrade(namespace: dict, names, *, log_path: str, nonce: str, time_limit: fl
 
 
 # importing the assignment modules registers their tasks
-from minidiff.course.checks import a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent  # noqa: E402,F401
+from minidiff.course.checks import a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent, a6_text  # noqa: E402,F401

@@ -1,0 +1,363 @@
+"""Checks for assignment A6, text conditioning: masked cross-attention and caption dropout.
+
+References: minidiff.models.attention.AttentionBlock (its cross-attention: softmax(Q K^T / sqrt(d)) V over the real
+context tokens, and a prompt without a real token attends to nothing) and minidiff.guidance.caption_dropout. The
+probe inputs make every listed mistake distinguishable: a square case (N = L, C = D = d) where swapped roles and
+transposed weights still run, then widths C, D, d that all differ, prompts of different lengths, a mask that is not
+a prefix, a prompt of padding only, logits large enough to overflow exp. Wrong variants are written out on purpose.
+
+| symbol  | code name          | meaning                                                          |
+|---------|--------------------|------------------------------------------------------------------|
+| N, C    | ``x`` (B, N, C)    | image tokens (the H*W positions of a feature map) and their width |
+| L, D    | ``context``        | context tokens (one prompt) and their width                      |
+| d       | ``w_q.shape[1]``   | width of queries, keys and values                                |
+| A       | ``attn`` (B, N, L) | softmax(Q K^T / sqrt(d)) over the L keys; 0 on padded keys        |
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minidiff import guidance
+from minidiff.course.checks import Mismatch, StudentError, call, expect, task
+from minidiff.data.tokenizer import Tokenizer
+
+F64 = torch.float64
+RTOL, ATOL = 1e-4, 1e-5
+LIBRARY_ATTENTION = "minidiff.models.attention.AttentionBlock"
+
+
+# ----------------------------------------------------------------------------- cross-attention
+def reference_cross_attention(x, context, context_mask, w_q, w_k, w_v):
+    """(out (B, N, d), attn (B, N, L)): Rombach et al. 2022, Eq. 3, single head, padded keys masked; a row with no
+    real key attends to nothing (attention 0, output 0), as AttentionBlock's cross-attention."""
+    q, k, v = x @ w_q, context @ w_k, context @ w_v  # (B, N, d), (B, L, d), (B, L, d)
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, N, L)
+    attn = logits.masked_fill(~context_mask[:, None, :], float("-inf")).softmax(dim=-1)
+    attn = torch.where(context_mask.any(dim=1)[:, None, None], attn, torch.zeros_like(attn))
+    return attn @ v, attn
+
+
+def _attend(q, k, v, keep, scale, *, dim=-1, fill=float("-inf"), after=False, renorm=False, by_hand=False,
+            empty="zero"):
+    """One naive pipeline (mask before or after the softmax, softmax over ``dim``) -> (out, attn). ``empty`` is what
+    a fully masked row becomes: "nan" (softmax of -inf only), "zero" (NaN set to 0) or "uniform" (a fill of -1e9)."""
+    logits = q @ k.transpose(-2, -1) * scale  # (B, N, L)
+    if keep is not None and not after:
+        logits = logits.masked_fill(~keep, -1e9 if empty == "uniform" and fill == float("-inf") else fill)
+    if by_hand:
+        e = logits.exp()
+        attn = e / e.sum(dim, keepdim=True)
+    else:
+        attn = logits.softmax(dim)
+    if keep is not None and after:
+        attn = attn * keep
+        attn = attn / attn.sum(dim, keepdim=True) if renorm else attn
+    if empty == "zero":
+        attn = attn.nan_to_num(0.0)
+    return attn @ v, attn
+
+
+def _forms(*args, **kwargs):
+    """The variant as a student would write it: with NaN-zeroing (the first, canonical form), without, or with a
+    finite fill."""
+    return [_attend(*args, empty=e, **kwargs) for e in ("zero", "nan", "uniform")]
+
+
+def _attention_wrong(x, context, context_mask, w_q, w_k, w_v):
+    """The usual mistakes in softmax(Q K^T / sqrt(d)) V with a padding mask, as (message, thunk) pairs; a thunk
+    returns the variant's forms [(out, attn), ...]."""
+    N, C, (L, D), d = x.shape[1], x.shape[2], context.shape[1:], w_q.shape[1]
+    q, k, v = x @ w_q, context @ w_k, context @ w_v
+    s, keys = 1 / math.sqrt(d), context_mask[:, None, :]  # (B, 1, L): the mask marks keys
+    prefix = torch.arange(L) < context_mask.sum(dim=1, keepdim=True)  # (B, L)
+    out, attn = reference_cross_attention(x, context, context_mask, w_q, w_k, w_v)
+    return [  # the all-padding mistakes first: on a case with such a row, other variants may coincide with them
+        ("gives NaN for a prompt with no real token (mask all False): the softmax over no keys is 0 / 0; such a "
+         "row attends to nothing, so set its attention (and so its output) to 0",
+         lambda: [_attend(q, k, v, keys, s, empty="nan")]),
+        ("lets a prompt with no real token (mask all False) attend uniformly to its padding; it must attend to "
+         "nothing: attention 0 and output 0 for that row", lambda: [_attend(q, k, v, keys, s, empty="uniform")]),
+        ("returns attn transposed, one row per context token; attn is (B, N, L): for each image token a "
+         "distribution over the L context tokens", lambda: [(out, attn.transpose(1, 2))]),
+        (f"does not scale the logits: softmax(Q K^T / sqrt(d)) divides by sqrt(d) = sqrt({d}), which keeps the "
+         f"softmax from saturating as d grows", lambda: _forms(q, k, v, keys, 1.0)),
+        (f"divides the logits by d = {d}; the scale is 1 / sqrt(d)", lambda: _forms(q, k, v, keys, 1 / d)),
+        (f"divides the logits by sqrt(C) = sqrt({C}), the width of the image tokens; d = {d} is the width of Q and K "
+         f"(w_q.shape[1]): divide by sqrt(d)", lambda: _forms(q, k, v, keys, 1 / math.sqrt(C))),
+        (f"divides the logits by sqrt(D) = sqrt({D}), the width of the context; d = {d} is the width of Q and K "
+         f"(w_q.shape[1]): divide by sqrt(d)", lambda: _forms(q, k, v, keys, 1 / math.sqrt(D))),
+        ("takes the softmax over the image tokens (dim=1): each image token's weights over the L context tokens "
+         "must sum to 1, so the softmax runs over the last axis (dim=-1)", lambda: _forms(q, k, v, keys, s, dim=1)),
+        ("inverts the mask: it attends only to the padding; context_mask is True on real tokens, so fill the logits "
+         "with -inf where ~context_mask", lambda: _forms(q, k, v, ~keys, s)),
+        ("ignores context_mask: padded tokens get attention too; fill their logits with -inf before the softmax",
+         lambda: _forms(q, k, v, None, s)),
+        ("zeroes the padded keys after the softmax without renormalising: the real tokens' weights no longer sum "
+         "to 1; fill the padded logits with -inf before the softmax instead", lambda: _forms(q, k, v, keys, s,
+                                                                                              after=True)),
+        ("masks after the softmax and renormalises: the same on paper, but where a padded key has the largest "
+         "logit the real tokens' weights underflow to 0 (0 / 0); fill the padded logits with -inf before the softmax",
+         lambda: _forms(q, k, v, keys, s, after=True, renorm=True)),
+        ("fills the padded logits with 0 instead of -inf: exp(0) = 1, so padded keys still get weight; "
+         "use float('-inf')", lambda: _forms(q, k, v, keys, s, fill=0.0)),
+        ("applies the mask along the image tokens (context_mask[:, :, None]); it marks the keys: broadcast it as "
+         "context_mask[:, None, :] against the logits (B, N, L)", lambda: _forms(q, k, v, context_mask[:, :, None], s)),
+        ("treats the mask as a prefix (the first mask.sum() tokens are real); mask the keys wherever context_mask "
+         "is False", lambda: _forms(q, k, v, prefix[:, None, :], s)),
+        ("computes Q from the context and K, V from the image tokens: the image tokens ask and the words answer, "
+         "Q = x @ w_q, K = context @ w_k, V = context @ w_v",
+         lambda: _forms(context @ w_q, x @ w_k, x @ w_v, keys, s) if C == D and N == L else []),
+        ("uses the transposed weights (x @ w_q.T, ...): w_q is (C, d), so Q = x @ w_q (likewise K and V)",
+         lambda: _forms(x @ w_q.T, context @ w_k.T, context @ w_v.T, keys, s)),
+        ("returns attn @ context: the values are V = context @ w_v", lambda: _forms(q, k, context, keys, s)),
+        ("uses the keys as the values: V = context @ w_v, not context @ w_k", lambda: _forms(q, k, k, keys, s)),
+        ("writes the softmax as exp / sum without subtracting the row maximum: exp overflows to inf for large "
+         "logits and inf / inf is NaN; use torch.softmax (it subtracts the maximum)",
+         lambda: _forms(q, k, v, keys, s, by_hand=True)),
+    ]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a.detach().double(), b.detach().double(), rtol=RTOL, atol=ATOL,
+                                                 equal_nan=True)
+
+
+def _same_pair(got, form) -> bool:
+    return _close(got[0], form[0]) and _close(got[1], form[1])
+
+
+def _name_variant(got, want, wrong, case: str) -> None:
+    """Raise the message of the first listed mistake one of whose forms ``got`` matches (NaN where it has NaN); a
+    mistake counts only where its canonical form differs from the reference."""
+    for message, thunk in wrong:
+        try:
+            forms = thunk()
+        except (IndexError, RuntimeError, ValueError):
+            continue  # this mistake cannot even be computed on these shapes, so it is not the one
+        if forms and not _same_pair(forms[0], want) and any(_same_pair(got, f) for f in forms):
+            raise Mismatch(f"{message} [case: {case}]")
+
+
+def _name_structure(out, attn, want, context_mask, case: str) -> None:
+    """Name what is wrong with attn (NaN, row sums, weight on padding) or out's width, if it is recognisable."""
+    (B, N, L), d = want[1].shape, want[0].shape[-1]
+    if attn.shape != (B, N, L):
+        return  # expect() names the shape
+    has_words, a = context_mask.any(dim=1), attn.detach().double()
+    if torch.isnan(a[~has_words]).any():
+        raise Mismatch(f"gives NaN for a prompt with no real token (mask all False): softmax over no keys is 0 / 0; "
+                       f"set that row's attention and output to 0 [case: {case}]")
+    sums = a[has_words].sum(dim=-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+        raise Mismatch(f"returns attention rows that do not sum to 1 over the context tokens (sums from "
+                       f"{sums.min():.3g} to {sums.max():.3g}): softmax over the last axis, after masking the logits "
+                       f"[case: {case}]")
+    leak = a.masked_select(~context_mask[:, None, :].expand(B, N, L))
+    if leak.numel() and leak.abs().max() > 0:
+        raise Mismatch(f"gives padded context tokens a probability of up to {leak.abs().max():.2g}, not exactly 0: "
+                       f"fill their logits with float('-inf') before the softmax [case: {case}]")
+    if out.ndim == 3 and out.shape[:2] == (B, N) and out.shape[-1] != d:
+        raise Mismatch(f"returns out of width {out.shape[-1]}; out = attn @ V has the width d = {d} of "
+                       f"V = context @ w_v [case: {case}]")
+
+
+def _unpack(got, what: str, case: str):
+    if torch.is_tensor(got):
+        raise Mismatch(f"returns one tensor; return both results, a tuple ({what}) [case: {case}]")
+    if not isinstance(got, (tuple, list)) or len(got) != 2 or not all(torch.is_tensor(t) for t in got):
+        raise Mismatch(f"returns {type(got).__name__}; return a tuple of two tensors ({what}) [case: {case}]")
+    return got
+
+
+def _attention_inputs(g, B, N, L, C, D, d, lengths=None, *, mask=None, scale=1.0, dtype=torch.float32):
+    """(x, context, context_mask, w_q, w_k, w_v) with logits Q K^T / sqrt(d) of std about 2 * scale."""
+    x = scale * torch.randn((B, N, C), generator=g, dtype=F64)
+    context = torch.randn((B, L, D), generator=g, dtype=F64)
+    w = [1.5 * torch.randn(shape, generator=g, dtype=F64) / math.sqrt(shape[0]) for shape in ((C, d), (D, d), (D, d))]
+    if mask is None:
+        mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    return (x.to(dtype), context.to(dtype), torch.as_tensor(mask, dtype=torch.bool), *(t.to(dtype) for t in w))
+
+
+def _attention_cases(g):
+    yield ("square shapes N = L = 5, C = D = d = 4; prompts of 5 and 3 real tokens",
+           _attention_inputs(g, 2, 5, 5, 4, 4, 4, [5, 3]))
+    yield ("B = 3, N = 6 image tokens, L = 5 context tokens, C = 6, D = 5, d = 3; prompts of 5, 3 and 1 real tokens",
+           _attention_inputs(g, 3, 6, 5, 6, 5, 3, [5, 3, 1]))
+    yield ("a mask that is not a prefix (padding between real tokens), N = 4, L = 6, C = 5, D = 7, d = 2",
+           _attention_inputs(g, 2, 4, 6, 5, 7, 2, mask=[[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]]))
+    yield ("a prompt of padding only (mask all False) next to a full one: it attends to nothing, attention 0 and "
+           "output 0", _attention_inputs(g, 2, 3, 4, 4, 6, 3, [0, 4]))
+    yield ("large logits (up to about 360): the softmax must neither overflow nor underflow",
+           _attention_inputs(g, 2, 4, 5, 4, 5, 3, [5, 2], scale=40.0))
+    yield "float64, batch of 1, no padding", _attention_inputs(g, 1, 3, 4, 3, 4, 2, [4], dtype=F64)
+
+
+SHAPE_HINT = ("Hint: the image tokens give the queries, Q = x @ w_q with x (B, N, C) and w_q (C, d); the context "
+              "gives the keys and values, K = context @ w_k and V = context @ w_v with w_k, w_v (D, d); the logits "
+              "are (B, N, L) and the mask (B, L) broadcasts to them as context_mask[:, None, :].")
+
+
+def _call_attention(student, inputs, case: str):
+    try:
+        return call(student, *inputs)
+    except StudentError as e:
+        if any(s in str(e) for s in ("shapes cannot be multiplied", "size of tensor", "Expected size", "must match")):
+            raise StudentError(f"{e} {SHAPE_HINT} [case: {case}]") from e
+        raise
+
+
+@task("A6.cross_attention", func="cross_attention", points=4, references=(LIBRARY_ATTENTION,))
+def check_cross_attention(student) -> str:
+    n = 0
+    for case, inputs in _attention_cases(torch.Generator().manual_seed(61)):
+        n += 1
+        dtype = inputs[0].dtype
+        want = [t.to(dtype) for t in reference_cross_attention(*[t.double() if t.is_floating_point() else t
+                                                                  for t in inputs])]
+        out, attn = _unpack(_call_attention(student, inputs, case), "out, attn", case)
+        if not _same_pair((out, attn), want):
+            _name_variant((out, attn), want, _attention_wrong(*inputs), case)
+            _name_structure(out, attn, want, inputs[2], case)
+        hint = "Keep the dtype of x."
+        expect(attn, want[1], case=case, what="attn", rtol=RTOL, atol=ATOL, dtype_hint=hint)
+        expect(out, want[0], case=case, what="out", rtol=RTOL, atol=ATOL, dtype_hint=hint)
+        _name_structure(out, attn, want, inputs[2], case)  # close is not enough: padded keys get exactly 0
+    return (f"matches softmax(Q K^T / sqrt(d)) V with padded keys masked (Rombach et al. 2022, Eq. 3; "
+            f"{LIBRARY_ATTENTION}) on {n} cases (a mask that is not a prefix, a prompt of padding only, large "
+            f"logits, float64)")
+
+
+# ----------------------------------------------------------------------------- caption dropout
+_PROMPTS = ("a small red circle", "a large blue square above a small yellow triangle", "a large white cross",
+            "a small green diamond left of a large purple circle", "a small yellow square", "a large red triangle",
+            "a small blue cross below a small white square", "a large green circle right of a small red diamond")
+_TOKENS = {}
+
+
+def _tokens():
+    """(the prompts' ids, their mask, the empty prompt's ids (1, L), its mask (1, L)), made once."""
+    if not _TOKENS:
+        tokenizer = Tokenizer()
+        _TOKENS["all"] = (*tokenizer(list(_PROMPTS)), *tokenizer([""]))
+    return _TOKENS["all"]
+
+
+def _prompt_batch(g, B):
+    ids, mask, _, _ = _tokens()
+    rows = torch.randint(0, len(_PROMPTS), (B,), generator=g)
+    return ids[rows], mask[rows]
+
+
+def _row_mistake(out_ids, out_mask, ids, mask, empty_ids, empty_mask, case: str) -> Mismatch | None:
+    """Name a result whose rows are not each either the prompt or the empty prompt (ids and mask together)."""
+    ids_kept, ids_empty = (out_ids == ids).all(dim=1), (out_ids == empty_ids).all(dim=1)
+    mask_kept, mask_empty = (out_mask == mask).all(dim=1), (out_mask == empty_mask).all(dim=1)
+    if ((ids_kept & mask_kept) | (ids_empty & mask_empty)).all():
+        return None
+    if ((out_ids == 0).all(dim=1) & ~out_mask.any(dim=1)).any():
+        return Mismatch(f"replaces a dropped prompt with padding only (ids all <pad>, mask all False); the empty "
+                        f"prompt is <bos> <eos>, what the sampler's unconditional branch uses: use empty_ids and "
+                        f"empty_mask [case: {case}]")
+    if (ids_empty & mask_kept & ~ids_kept).any():
+        return Mismatch(f"replaces the ids of a dropped prompt but keeps its mask: the mask must become "
+                        f"empty_mask too [case: {case}]")
+    if (ids_kept & mask_empty & ~mask_kept).any() or (ids_kept & ~out_mask.any(dim=1)).any():
+        return Mismatch(f"changes the mask of a dropped prompt but keeps its ids: the ids must become empty_ids "
+                        f"too [case: {case}]")
+    if ((out_ids == ids) | (out_ids == empty_ids)).all():
+        return Mismatch(f"drops single tokens: some prompts are partly kept and partly the empty prompt; drop whole "
+                        f"prompts, one draw per row: torch.rand((B,), generator=generator) < p [case: {case}]")
+    return Mismatch(f"returns rows that are neither the prompt nor the empty prompt [case: {case}]")
+
+
+def _dropout_statistics(student) -> None:
+    """Accept a different random recipe only if it is deterministic per seed and drops a fraction p of prompts."""
+    ids, mask = _prompt_batch(torch.Generator().manual_seed(5), 5000)
+    _, _, empty_ids, empty_mask = _tokens()
+
+    def run(p, seed):
+        out = call(student, ids, mask, p, empty_ids, empty_mask, generator=torch.Generator().manual_seed(seed))
+        return _unpack(out, "ids, mask", f"5000 prompts, p = {p}")
+    first, again = run(0.1, 9), run(0.1, 9)
+    if not (torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])):
+        raise Mismatch("ignores the generator: the same seed must drop the same prompts "
+                       "(pass generator=generator to torch.rand)")
+    if torch.equal(first[0], run(0.1, 11)[0]):
+        raise Mismatch("ignores the generator: two different generators dropped the same prompts (a fixed "
+                       "torch.manual_seed inside the function?); draw with torch.rand((B,), generator=generator)")
+    for p in (0.1, 0.7):
+        out_ids, _ = run(p, 10)
+        frac = (out_ids == empty_ids).all(dim=1).double().mean().item()
+        sd = (p * (1 - p) / len(ids)) ** 0.5
+        if abs(frac - (1 - p)) < 5 * sd:
+            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}: the probability is inverted, "
+                           f"drop a prompt when torch.rand(...) < p")
+        if abs(frac - p) > 5 * sd:
+            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}, expected about {p}")
+
+
+def _dropout_result(got, ids, mask, empty_ids, empty_mask, case: str):
+    """The student's (ids, mask), after naming a wrong order, dtype, shape, aliasing or a wrong row."""
+    out_ids, out_mask = _unpack(got, "ids, mask", case)
+    if out_ids.dtype == torch.bool and out_mask.dtype != torch.bool:
+        raise Mismatch(f"returns (mask, ids); return them in the order (ids, mask) [case: {case}]")
+    if out_ids.dtype != ids.dtype or out_mask.dtype != torch.bool:
+        raise Mismatch(f"returns ids of dtype {out_ids.dtype} and a mask of dtype {out_mask.dtype}; token ids are "
+                       f"int64 (like tokens) and the mask is bool [case: {case}]")
+    if any((a.data_ptr(), a.shape) == (b.data_ptr(), b.shape) for a, b in ((out_ids, ids), (out_mask, mask))):
+        raise Mismatch(f"returns the input tensors themselves; return new tensors (torch.where, or clone), so that "
+                       f"changing the result cannot change the batch [case: {case}]")
+    if out_ids.shape == empty_ids.shape != ids.shape:
+        raise Mismatch(f"returns the empty prompt itself, shape {tuple(out_ids.shape)}; return one row per prompt, "
+                       f"shape {tuple(ids.shape)}: broadcast it to the dropped rows (torch.where, or "
+                       f"empty_ids.expand(B, -1)) [case: {case}]")
+    if out_ids.shape != ids.shape or out_mask.shape != mask.shape:
+        raise Mismatch(f"returns ids and mask of shapes {tuple(out_ids.shape)} and {tuple(out_mask.shape)}, "
+                       f"expected {tuple(ids.shape)}: one row per prompt [case: {case}]")
+    named = _row_mistake(out_ids, out_mask, ids, mask, empty_ids, empty_mask, case)
+    if named is not None:
+        raise named
+    return out_ids, out_mask
+
+
+def _name_dropout_pattern(dropped: torch.Tensor, r: torch.Tensor, p: float, case: str) -> None:
+    """Name a wrong set of dropped prompts (``r``: the recipe's draws); return if it may be another valid recipe."""
+    if p in (0, 1):
+        raise Mismatch(f"{'drops' if p == 0 else 'keeps'} {int((dropped if p == 0 else ~dropped).sum())} prompts "
+                       f"at p = {p:g}; drop where torch.rand(...) < p [case: {case}]")
+    inverted = "drops a prompt with probability 1 - p: drop where torch.rand(...) < p, keep it otherwise"
+    wrong = [(inverted, r >= p), (inverted, r < 1 - p),
+             ("drops every prompt; each prompt is dropped independently with probability p", torch.ones_like(dropped)),
+             ("drops no prompt: one draw for the whole batch? draw one number per prompt, "
+              "torch.rand((B,), generator=generator) < p", torch.zeros_like(dropped))]
+    for message, pattern in wrong if len(r) >= 12 else []:  # a batch of 1 matches by chance
+        if torch.equal(dropped, pattern):
+            raise Mismatch(f"{message} [case: {case}]")
+
+
+@task("A6.caption_dropout", func="caption_dropout", points=2, references=("minidiff.guidance.caption_dropout",))
+def check_caption_dropout(student) -> str:
+    g = torch.Generator().manual_seed(62)
+    _, _, empty_ids, empty_mask = _tokens()
+    cases = [("B = 4000, p = 0.1", 4000, 0.1), ("B = 16, p = 0.3", 16, 0.3), ("p = 0: no prompt is dropped", 12, 0.0),
+             ("p = 1: every prompt is dropped", 12, 1.0), ("batch of 1, p = 0.5", 1, 0.5)]
+    exact = True
+    for n, (case, B, p) in enumerate(cases):
+        ids, mask = _prompt_batch(g, B)
+        seed = 600 + n
+        got = call(student, ids, mask, p, empty_ids, empty_mask, generator=torch.Generator().manual_seed(seed))
+        out_ids, out_mask = _dropout_result(got, ids, mask, empty_ids, empty_mask, case)
+        want = guidance.caption_dropout(ids, mask, p, empty=(empty_ids, empty_mask),
+                                        generator=torch.Generator().manual_seed(seed))
+        if not (torch.equal(out_ids, want[0]) and torch.equal(out_mask, want[1])):
+            r = torch.rand((B,), generator=torch.Generator().manual_seed(seed))
+            _name_dropout_pattern((out_ids == empty_ids).all(dim=1), r, p, case)
+            exact = False
+    if not exact:
+        _dropout_statistics(student)
+        return ("drops whole prompts independently with probability p (your random draws differ from the recipe "
+                "torch.rand((B,), generator=generator) < p, but the statistics are right)")
+    return f"matches minidiff.guidance.caption_dropout on {len(cases)} cases (p = 0, p = 1, batch of 1)"
