@@ -2,6 +2,11 @@
 
     python benchmarks/text_conditioning.py --steps 1200 --n-eval 200 --out docs/images/text_conditioning.json
 
+On two cores, run the arms as separate processes (one thread each) and merge their JSON files:
+
+    python benchmarks/text_conditioning.py --arms joint --out /tmp/joint.json   # and clip, pooled
+    python benchmarks/text_conditioning.py --merge /tmp/joint.json /tmp/clip.json /tmp/pooled.json --out ...
+
 Trains the course's text model three times on the same captioned latents with the same U-Net, steps, batch, seed
 and data order, changing only what the U-Net cross-attends to:
 
@@ -54,7 +59,16 @@ def main(argv=None) -> None:
     parser.add_argument("--n-eval", type=int, default=200, help="prompts per set (one object, two objects)")
     parser.add_argument("--arms", default="joint,clip,pooled")
     parser.add_argument("--out", default=None, help="write the results as JSON here (and a .txt table beside it)")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON files of runs with the same "
+                        "steps and n-eval (one arm each) instead of training")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        if len({(p["steps"], p["n_eval"]) for p in parts}) != 1:
+            raise SystemExit("--merge: the files differ in steps or n_eval; only runs of one budget compare")
+        result = {**parts[0], "arms": {k: v for p in parts for k, v in p["arms"].items()},
+                  "command": " ; ".join(p["command"] for p in parts)}
+        return report(result, args.out)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     vae, clip = load("shapes64-vae"), load_clip("shapes-clip")
     latents, _, captions = shapes64_text_latents(vae)
@@ -62,10 +76,16 @@ def main(argv=None) -> None:
             "2obj": prompt_attrs(args.n_eval, objects=2, split="seen", seed=101)}
     ceiling = {k: summarize(judge(real_images(a, seed=1), a)) for k, a in sets.items()}
     arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets) for arm in args.arms.split(",")}
-    result = {"steps": args.steps, "batch_size": TextTrainConfig().batch_size, "n_eval": args.n_eval,
+    report({"steps": args.steps, "batch_size": TextTrainConfig().batch_size, "n_eval": args.n_eval,
               "guidance": 5.0, "sampler": "dpmpp_2m 20 steps", "ceiling": ceiling, "arms": arms,
-              "command": "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    lines = [f"text conditioning, {args.steps} training steps each (batch 64), {args.n_eval} prompts per set, "
+              "command": "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+           args.out)
+
+
+def report(result: dict, out) -> None:
+    """Print the table of ``result`` (and write it as JSON + .txt when ``out`` is given)."""
+    ceiling, arms, sets = result["ceiling"], result["arms"], list(result["ceiling"])
+    lines = [f"text conditioning, {result['steps']} training steps each (batch 64), {result['n_eval']} prompts per set, "
              f"guidance 5, dpmpp_2m 20 steps; judge = shapes attribute classifier",
              f"{'arm':8s} {'set':5s} {'shape':>6s} {'color':>6s} {'size':>6s} {'relat.':>6s} {'ALL':>6s} {'train s':>8s}"]
     for arm, row in [("ceiling", {**ceiling, "wall_s": float("nan")}), *arms.items()]:
@@ -74,9 +94,9 @@ def main(argv=None) -> None:
             lines.append(f"{arm:8s} {k:5s} {s['shape']:6.3f} {s['color']:6.3f} {s['size']:6.3f} {s['relation']:6.3f} "
                          f"{s['all']:6.3f} {row['wall_s']:8.0f}")
     print("\n".join(lines))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out).with_suffix(".txt").write_text("\n".join(lines) + "\n" + result["command"] + "\n")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(out).with_suffix(".txt").write_text("\n".join(lines) + "\n" + result["command"] + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ def _is_denoiser_file(path: Path) -> bool:
         return True
 
 
+def _format(path: Path) -> str | None:
+    """The format string in a file's header, or None for a damaged file."""
+    try:
+        return read_metadata(path).get("format")
+    except CheckpointError:
+        return None
+
+
 def available(*, weights_dir=None) -> list[str]:
     """Names of the shipped models (diffusion models and autoencoders in the weights folder), sorted."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -90,7 +98,7 @@ def load_pipeline(name: str, *, device=None, weights_dir=None):
     path = _path(name, weights_dir, ".safetensors")
     if read_metadata(path).get("format") != TEXT_MODEL_FORMAT:
         text_models = [n for n in available(weights_dir=weights_dir)
-                       if read_metadata(_path(n, weights_dir, ".safetensors")).get("format") == TEXT_MODEL_FORMAT]
+                       if _format(_path(n, weights_dir, ".safetensors")) == TEXT_MODEL_FORMAT]
         raise ValueError(f"{name!r} is not a text-to-image model; load it with load({name!r}). "
                          f"Text-to-image models: {text_models}")
     card = model_card(name, weights_dir=weights_dir)

@@ -100,7 +100,8 @@ def hard_negative(attrs, *, generator: torch.Generator | None = None) -> str:
     shapes swapped between them, or the relation reversed ("above" -> "below")."""
     a = torch.as_tensor(attrs).clone()
     two = bool(a[3] >= 0)
-    kinds = ["shape", "color", "size"] + (["swap_color", "swap_shape", "relation"] if two else [])
+    same = two and torch.equal(a[:3], a[3:6])  # two identical objects: reversing the relation describes the same scene
+    kinds = ["shape", "color", "size"] + (["swap_color", "swap_shape"] if two else []) + (["relation"] if two and not same else [])
     while True:
         kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
         b = a.clone()

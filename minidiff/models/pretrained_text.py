@@ -315,7 +315,8 @@ def pretrained_encoder_from_spec(spec: dict) -> FrozenTextEncoder:
     """Rebuild (with its pretrained weights) the adapter that ``encoder.spec()`` describes."""
     kind = spec.get("kind")
     if kind not in _KINDS:
-        raise ValueError(f"unknown pretrained text encoder kind {kind!r}; known: {sorted(_KINDS)}")
+        raise ValueError(f"unknown text encoder kind {kind!r}; known: ['transformer'] (the course's own) and the "
+                         f"pretrained adapters {sorted(_KINDS)}")
     options = {"max_length": spec["max_length"], "truncation": spec.get("truncation", "warn")}
     if kind == "hf-clip":
         return HFCLIPTextEncoder(spec["name"], **options)

@@ -106,7 +106,7 @@ class TransformerTextEncoder(TextEncoder):
         """What ``encoder_from_spec`` needs to rebuild this encoder (sizes and the tokenizer's vocabulary)."""
         return {"kind": "transformer", "dim": self.dim, "layers": len(self.blocks), "heads": self.blocks[0].heads,
                 "causal": self.blocks[0].causal, "vocabulary": list(self.tokenizer.vocabulary[4:]),
-                "max_length": self.tokenizer.max_length}
+                "max_length": self.tokenizer.max_length, "truncation": self.tokenizer.truncation}
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L), mask (B, L)) -> (context (B, L, D), mask)."""
@@ -167,7 +167,7 @@ def encoder_from_spec(spec: dict) -> TextEncoder:
     if spec.get("kind") != "transformer":
         from minidiff.models.pretrained_text import pretrained_encoder_from_spec
         return pretrained_encoder_from_spec(spec)
-    tokenizer = Tokenizer(spec["vocabulary"], max_length=spec["max_length"])
+    tokenizer = Tokenizer(spec["vocabulary"], max_length=spec["max_length"], truncation=spec.get("truncation", "warn"))
     encoder = TransformerTextEncoder(tokenizer, dim=spec["dim"], layers=spec["layers"], heads=spec["heads"],
                                      causal=spec["causal"])
     return PooledTextEncoder(encoder) if spec.get("pooled") else encoder

@@ -45,7 +45,7 @@ def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] |
 
 
 def _check_options(guidance: float, sampler: str, steps: int, spacing: str) -> None:
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0 (1 = no guidance, 0 = the unconditional model), "
                          f"got {guidance!r}")
     if sampler not in SAMPLERS:
