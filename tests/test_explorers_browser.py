@@ -30,6 +30,7 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"),
 ]
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -133,8 +134,12 @@ def _changed(driver, explorer, before: str, timeout: float, what: str):
     """Wait for the explorer's figure to differ from ``before`` in pixels; return the new src."""
     import numpy as np
 
-    def new_src(_):
-        src = _explorer_image(explorer)
+    def new_src(d):
+        try:
+            src = _explorer_image(explorer)
+        except StaleElementReferenceException:  # JupyterLab re-rendered the output: look at the current explorer
+            current = d.find_elements(By.CSS_SELECTOR, ".widget-interact")
+            src = _explorer_image(current[-1]) if current else None
         return src if src and src != before else None
     src = _wait(driver, new_src, timeout, f"the figure to change after {what}")
     a, b = _pixels(before), _pixels(src)

@@ -147,7 +147,7 @@ def test_bad_arguments_are_named(minilm):
 
 def test_spec_names_the_adapter(minilm):
     assert json.loads(json.dumps(minilm.spec())) == {"kind": "minilm", "max_length": 16, "truncation": "warn"}
-    with pytest.raises(ValueError, match="unknown pretrained text encoder kind 'bert'; known: "):
+    with pytest.raises(ValueError, match="unknown text encoder kind 'bert'; known: "):
         pretrained_encoder_from_spec({"kind": "bert", "max_length": 16})
 
 
