@@ -287,7 +287,7 @@ def test_a6_reference_is_the_library_cross_attention():
     biases (so d = C), a prompt of padding only included (output 0: "all masked" is "no context")."""
     from torch import nn
 
-    from minidiff.course.checks.a6_text import reference_cross_attention
+    from minidiff.course.checks.a6_attention import reference_cross_attention
     from minidiff.models.attention import AttentionBlock
     g = torch.Generator().manual_seed(0)
     B, N, L, C, D = 3, 6, 5, 8, 7

@@ -198,6 +198,15 @@ def expect(got, want: torch.Tensor, *, case: str, what: str = "output", wrong=()
 
 
 # ----------------------------------------------------------------------------- running a task
+def expect_pair(got, what: str, case: str):
+    """``got`` if it is a tuple of two tensors, else a Mismatch that names what came back (``what``: their names)."""
+    if torch.is_tensor(got):
+        raise Mismatch(f"returns one tensor; return both results, a tuple ({what}) [case: {case}]")
+    if not isinstance(got, (tuple, list)) or len(got) != 2 or not all(torch.is_tensor(t) for t in got):
+        raise Mismatch(f"returns {type(got).__name__}; return a tuple of two tensors ({what}) [case: {case}]")
+    return got
+
+
 def _calls_reference(fn, references: tuple[str, ...]) -> str | None:
     """The reference a student's function is, or calls by name from its globals (``forward.q_sample``)."""
     def qualname(obj):
@@ -332,4 +341,5 @@ def regrade(namespace: dict, names, *, log_path: str, nonce: str, time_limit: fl
 
 
 # importing the assignment modules registers their tasks
-from minidiff.course.checks import a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent, a6_text  # noqa: E402,F401
+from minidiff.course.checks import (  # noqa: E402,F401
+    a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent, a6_attention, a6_dropout)

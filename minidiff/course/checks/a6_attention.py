@@ -1,7 +1,7 @@
-"""Checks for assignment A6, text conditioning: masked cross-attention and caption dropout.
+"""Checks for assignment A6, part 1: masked cross-attention (part 2, caption dropout, is a6_dropout).
 
 References: minidiff.models.attention.AttentionBlock (its cross-attention: softmax(Q K^T / sqrt(d)) V over the real
-context tokens, and a prompt without a real token attends to nothing) and minidiff.guidance.caption_dropout. The
+context tokens, and a prompt without a real token attends to nothing). The
 probe inputs make every listed mistake distinguishable: a square case (N = L, C = D = d) where swapped roles and
 transposed weights still run, then widths C, D, d that all differ, prompts of different lengths, a mask that is not
 a prefix, a prompt of padding only, logits large enough to overflow exp. Wrong variants are written out on purpose.
@@ -19,16 +19,13 @@ import math
 
 import torch
 
-from minidiff import guidance
-from minidiff.course.checks import Mismatch, StudentError, call, expect, task
-from minidiff.data.tokenizer import Tokenizer
+from minidiff.course.checks import Mismatch, StudentError, call, expect, expect_pair, task
 
 F64 = torch.float64
 RTOL, ATOL = 1e-4, 1e-5
 LIBRARY_ATTENTION = "minidiff.models.attention.AttentionBlock"
 
 
-# ----------------------------------------------------------------------------- cross-attention
 def reference_cross_attention(x, context, context_mask, w_q, w_k, w_v):
     """(out (B, N, d), attn (B, N, L)): Rombach et al. 2022, Eq. 3, single head, padded keys masked; a row with no
     real key attends to nothing (attention 0, output 0), as AttentionBlock's cross-attention."""
@@ -163,14 +160,6 @@ def _name_structure(out, attn, want, context_mask, case: str) -> None:
                        f"V = context @ w_v [case: {case}]")
 
 
-def _unpack(got, what: str, case: str):
-    if torch.is_tensor(got):
-        raise Mismatch(f"returns one tensor; return both results, a tuple ({what}) [case: {case}]")
-    if not isinstance(got, (tuple, list)) or len(got) != 2 or not all(torch.is_tensor(t) for t in got):
-        raise Mismatch(f"returns {type(got).__name__}; return a tuple of two tensors ({what}) [case: {case}]")
-    return got
-
-
 def _attention_inputs(g, B, N, L, C, D, d, lengths=None, *, mask=None, scale=1.0, dtype=torch.float32):
     """(x, context, context_mask, w_q, w_k, w_v) with logits Q K^T / sqrt(d) of std about 2 * scale."""
     x = scale * torch.randn((B, N, C), generator=g, dtype=F64)
@@ -217,7 +206,7 @@ def check_cross_attention(student) -> str:
         dtype = inputs[0].dtype
         want = [t.to(dtype) for t in reference_cross_attention(*[t.double() if t.is_floating_point() else t
                                                                   for t in inputs])]
-        out, attn = _unpack(_call_attention(student, inputs, case), "out, attn", case)
+        out, attn = expect_pair(_call_attention(student, inputs, case), "out, attn", case)
         if not _same_pair((out, attn), want):
             _name_variant((out, attn), want, _attention_wrong(*inputs), case)
             _name_structure(out, attn, want, inputs[2], case)
@@ -228,136 +217,3 @@ def check_cross_attention(student) -> str:
     return (f"matches softmax(Q K^T / sqrt(d)) V with padded keys masked (Rombach et al. 2022, Eq. 3; "
             f"{LIBRARY_ATTENTION}) on {n} cases (a mask that is not a prefix, a prompt of padding only, large "
             f"logits, float64)")
-
-
-# ----------------------------------------------------------------------------- caption dropout
-_PROMPTS = ("a small red circle", "a large blue square above a small yellow triangle", "a large white cross",
-            "a small green diamond left of a large purple circle", "a small yellow square", "a large red triangle",
-            "a small blue cross below a small white square", "a large green circle right of a small red diamond")
-_TOKENS = {}
-
-
-def _tokens():
-    """(the prompts' ids, their mask, the empty prompt's ids (1, L), its mask (1, L)), made once."""
-    if not _TOKENS:
-        tokenizer = Tokenizer()
-        _TOKENS["all"] = (*tokenizer(list(_PROMPTS)), *tokenizer([""]))
-    return _TOKENS["all"]
-
-
-def _prompt_batch(g, B):
-    ids, mask, _, _ = _tokens()
-    rows = torch.randint(0, len(_PROMPTS), (B,), generator=g)
-    return ids[rows], mask[rows]
-
-
-def _row_mistake(out_ids, out_mask, ids, mask, empty_ids, empty_mask, case: str) -> Mismatch | None:
-    """Name a result whose rows are not each either the prompt or the empty prompt (ids and mask together)."""
-    ids_kept, ids_empty = (out_ids == ids).all(dim=1), (out_ids == empty_ids).all(dim=1)
-    mask_kept, mask_empty = (out_mask == mask).all(dim=1), (out_mask == empty_mask).all(dim=1)
-    if ((ids_kept & mask_kept) | (ids_empty & mask_empty)).all():
-        return None
-    if ((out_ids == 0).all(dim=1) & ~out_mask.any(dim=1)).any():
-        return Mismatch(f"replaces a dropped prompt with padding only (ids all <pad>, mask all False); the empty "
-                        f"prompt is <bos> <eos>, what the sampler's unconditional branch uses: use empty_ids and "
-                        f"empty_mask [case: {case}]")
-    if (ids_empty & mask_kept & ~ids_kept).any():
-        return Mismatch(f"replaces the ids of a dropped prompt but keeps its mask: the mask must become "
-                        f"empty_mask too [case: {case}]")
-    if (ids_kept & mask_empty & ~mask_kept).any() or (ids_kept & ~out_mask.any(dim=1)).any():
-        return Mismatch(f"changes the mask of a dropped prompt but keeps its ids: the ids must become empty_ids "
-                        f"too [case: {case}]")
-    if ((out_ids == ids) | (out_ids == empty_ids)).all():
-        return Mismatch(f"drops single tokens: some prompts are partly kept and partly the empty prompt; drop whole "
-                        f"prompts, one draw per row: torch.rand((B,), generator=generator) < p [case: {case}]")
-    return Mismatch(f"returns rows that are neither the prompt nor the empty prompt [case: {case}]")
-
-
-def _dropout_statistics(student) -> None:
-    """Accept a different random recipe only if it is deterministic per seed and drops a fraction p of prompts."""
-    ids, mask = _prompt_batch(torch.Generator().manual_seed(5), 5000)
-    _, _, empty_ids, empty_mask = _tokens()
-
-    def run(p, seed):
-        out = call(student, ids, mask, p, empty_ids, empty_mask, generator=torch.Generator().manual_seed(seed))
-        return _unpack(out, "ids, mask", f"5000 prompts, p = {p}")
-    first, again = run(0.1, 9), run(0.1, 9)
-    if not (torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])):
-        raise Mismatch("ignores the generator: the same seed must drop the same prompts "
-                       "(pass generator=generator to torch.rand)")
-    if torch.equal(first[0], run(0.1, 11)[0]):
-        raise Mismatch("ignores the generator: two different generators dropped the same prompts (a fixed "
-                       "torch.manual_seed inside the function?); draw with torch.rand((B,), generator=generator)")
-    for p in (0.1, 0.7):
-        out_ids, _ = run(p, 10)
-        frac = (out_ids == empty_ids).all(dim=1).double().mean().item()
-        sd = (p * (1 - p) / len(ids)) ** 0.5
-        if abs(frac - (1 - p)) < 5 * sd:
-            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}: the probability is inverted, "
-                           f"drop a prompt when torch.rand(...) < p")
-        if abs(frac - p) > 5 * sd:
-            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}, expected about {p}")
-
-
-def _dropout_result(got, ids, mask, empty_ids, empty_mask, case: str):
-    """The student's (ids, mask), after naming a wrong order, dtype, shape, aliasing or a wrong row."""
-    out_ids, out_mask = _unpack(got, "ids, mask", case)
-    if out_ids.dtype == torch.bool and out_mask.dtype != torch.bool:
-        raise Mismatch(f"returns (mask, ids); return them in the order (ids, mask) [case: {case}]")
-    if out_ids.dtype != ids.dtype or out_mask.dtype != torch.bool:
-        raise Mismatch(f"returns ids of dtype {out_ids.dtype} and a mask of dtype {out_mask.dtype}; token ids are "
-                       f"int64 (like tokens) and the mask is bool [case: {case}]")
-    if any((a.data_ptr(), a.shape) == (b.data_ptr(), b.shape) for a, b in ((out_ids, ids), (out_mask, mask))):
-        raise Mismatch(f"returns the input tensors themselves; return new tensors (torch.where, or clone), so that "
-                       f"changing the result cannot change the batch [case: {case}]")
-    if out_ids.shape == empty_ids.shape != ids.shape:
-        raise Mismatch(f"returns the empty prompt itself, shape {tuple(out_ids.shape)}; return one row per prompt, "
-                       f"shape {tuple(ids.shape)}: broadcast it to the dropped rows (torch.where, or "
-                       f"empty_ids.expand(B, -1)) [case: {case}]")
-    if out_ids.shape != ids.shape or out_mask.shape != mask.shape:
-        raise Mismatch(f"returns ids and mask of shapes {tuple(out_ids.shape)} and {tuple(out_mask.shape)}, "
-                       f"expected {tuple(ids.shape)}: one row per prompt [case: {case}]")
-    named = _row_mistake(out_ids, out_mask, ids, mask, empty_ids, empty_mask, case)
-    if named is not None:
-        raise named
-    return out_ids, out_mask
-
-
-def _name_dropout_pattern(dropped: torch.Tensor, r: torch.Tensor, p: float, case: str) -> None:
-    """Name a wrong set of dropped prompts (``r``: the recipe's draws); return if it may be another valid recipe."""
-    if p in (0, 1):
-        raise Mismatch(f"{'drops' if p == 0 else 'keeps'} {int((dropped if p == 0 else ~dropped).sum())} prompts "
-                       f"at p = {p:g}; drop where torch.rand(...) < p [case: {case}]")
-    inverted = "drops a prompt with probability 1 - p: drop where torch.rand(...) < p, keep it otherwise"
-    wrong = [(inverted, r >= p), (inverted, r < 1 - p),
-             ("drops every prompt; each prompt is dropped independently with probability p", torch.ones_like(dropped)),
-             ("drops no prompt: one draw for the whole batch? draw one number per prompt, "
-              "torch.rand((B,), generator=generator) < p", torch.zeros_like(dropped))]
-    for message, pattern in wrong if len(r) >= 12 else []:  # a batch of 1 matches by chance
-        if torch.equal(dropped, pattern):
-            raise Mismatch(f"{message} [case: {case}]")
-
-
-@task("A6.caption_dropout", func="caption_dropout", points=2, references=("minidiff.guidance.caption_dropout",))
-def check_caption_dropout(student) -> str:
-    g = torch.Generator().manual_seed(62)
-    _, _, empty_ids, empty_mask = _tokens()
-    cases = [("B = 4000, p = 0.1", 4000, 0.1), ("B = 16, p = 0.3", 16, 0.3), ("p = 0: no prompt is dropped", 12, 0.0),
-             ("p = 1: every prompt is dropped", 12, 1.0), ("batch of 1, p = 0.5", 1, 0.5)]
-    exact = True
-    for n, (case, B, p) in enumerate(cases):
-        ids, mask = _prompt_batch(g, B)
-        seed = 600 + n
-        got = call(student, ids, mask, p, empty_ids, empty_mask, generator=torch.Generator().manual_seed(seed))
-        out_ids, out_mask = _dropout_result(got, ids, mask, empty_ids, empty_mask, case)
-        want = guidance.caption_dropout(ids, mask, p, empty=(empty_ids, empty_mask),
-                                        generator=torch.Generator().manual_seed(seed))
-        if not (torch.equal(out_ids, want[0]) and torch.equal(out_mask, want[1])):
-            r = torch.rand((B,), generator=torch.Generator().manual_seed(seed))
-            _name_dropout_pattern((out_ids == empty_ids).all(dim=1), r, p, case)
-            exact = False
-    if not exact:
-        _dropout_statistics(student)
-        return ("drops whole prompts independently with probability p (your random draws differ from the recipe "
-                "torch.rand((B,), generator=generator) < p, but the statistics are right)")
-    return f"matches minidiff.guidance.caption_dropout on {len(cases)} cases (p = 0, p = 1, batch of 1)"
