@@ -33,7 +33,7 @@ import torch
 from minidiff.denoiser import Denoiser
 from minidiff.eval.text import judge, prompt_attrs, real_images, summarize, generate_for
 from minidiff.models.clip import load_clip
-from minidiff.pipelines.text_to_image import TextToImagePipeline
+from minidiff.pipelines import TextToImagePipeline
 from minidiff.pretrained import load
 from minidiff.training.text import TextTrainConfig, shapes64_text_latents, train_text
 

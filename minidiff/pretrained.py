@@ -94,7 +94,7 @@ def model_card(name: str, *, weights_dir=None) -> dict:
 def load_pipeline(name: str, *, device=None, weights_dir=None):
     """The text-to-image pipeline ``name`` ("shapes64-text"): its denoiser (U-Net + text encoder) and the
     autoencoder its model card names, checked by hash, as a ``TextToImagePipeline``."""
-    from minidiff.pipelines.text_to_image import TextToImagePipeline
+    from minidiff.pipelines import TextToImagePipeline
     path = _path(name, weights_dir, ".safetensors")
     if read_metadata(path).get("format") != TEXT_MODEL_FORMAT:
         text_models = [n for n in available(weights_dir=weights_dir)

@@ -22,7 +22,7 @@ from minidiff.files import WEIGHTS_DIR, CheckpointError, file_sha256, read_safet
 from minidiff.models.clip import CLIPConfig, TinyCLIP, clip_loss, clip_score, hard_negative, load_clip, save_clip
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
 from minidiff.models.unet import unet_from_preset
-from minidiff.pipelines.text_to_image import TextToImagePipeline
+from minidiff.pipelines import TextToImagePipeline
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training import text as text_module

@@ -153,7 +153,7 @@ def export_text_model(run_dir, path, *, vae_name: str = "shapes64-vae", n_eval: 
     from minidiff.denoiser import Denoiser
     from minidiff.files import file_sha256
     from minidiff.models.clip import load_clip
-    from minidiff.pipelines.text_to_image import TextToImagePipeline
+    from minidiff.pipelines import TextToImagePipeline
     from minidiff.pretrained import load, model_card
     from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_text_model
     from minidiff.training.steps import EMA

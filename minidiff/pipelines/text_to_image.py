@@ -4,7 +4,7 @@
     images = pipe.text_to_image(["a small red circle above a large blue square"], guidance=5.0,
                                 generator=torch.Generator().manual_seed(0))   # (1, 3, 64, 64) in [-1, 1]
 
-The pipeline is a thin bundle over the plain functions below (the style guide: expose the loop):
+The pipeline (``pipelines.pipeline``) is a thin bundle over the plain functions below (the style guide: expose the loop):
 ``guided_text_denoiser`` builds the classifier-free-guided denoiser (Ho & Salimans 2022, Eq. 6) whose
 unconditional branch is the empty prompt, or the negative prompt when one is given (the unconditional branch
 *is* the negative prompt in Stable Diffusion's pipelines); ``text_to_image_latents`` runs any sampler over
@@ -20,7 +20,7 @@ from minidiff.guidance import CFGDenoiser
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import SAMPLING_SPACINGS, sampling_sigmas
 
-__all__ = ["check_prompts", "guided_text_denoiser", "text_to_image_latents", "TextToImagePipeline"]
+__all__ = ["check_prompts", "guided_text_denoiser", "text_to_image_latents"]
 
 
 def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] | None]:
@@ -57,74 +57,33 @@ def _check_options(guidance: float, sampler: str, steps: int, spacing: str) -> N
 
 
 def guided_text_denoiser(denoiser, tokenizer, prompts, *, negative_prompt=None, guidance: float = 5.0,
-                         guidance_rescale: float = 0.0, device=None):
-    """(guided denoiser, extra_args) for ``prompts``: CFG with the empty prompt (or ``negative_prompt``) as uncond."""
+                         guidance_rescale: float = 0.0, device=None, image_cond: dict | None = None):
+    """(guided denoiser, extra_args) for ``prompts``: CFG with the empty prompt (or ``negative_prompt``) as uncond.
+
+    ``image_cond`` (an inpainting model's mask and masked latent) goes to both branches unchanged: only the
+    prompt is guided, as in Stable Diffusion's inpainting pipeline."""
     prompts, negative = check_prompts(prompts, negative_prompt)
     ids, mask = tokenizer(prompts)
     u_ids, u_mask = tokenizer(negative if negative is not None else [""])
-    cond = {"tokens": ids.to(device), "token_mask": mask.to(device)}
-    guided = CFGDenoiser(denoiser, guidance, uncond={"tokens": u_ids.to(device), "token_mask": u_mask.to(device)},
-                         guidance_rescale=guidance_rescale)
-    return guided, cond
+    image_cond = {k: v.to(device) for k, v in (image_cond or {}).items()}
+    cond = {"tokens": ids.to(device), "token_mask": mask.to(device), **image_cond}
+    uncond = {"tokens": u_ids.to(device), "token_mask": u_mask.to(device), **image_cond}
+    return CFGDenoiser(denoiser, guidance, uncond=uncond, guidance_rescale=guidance_rescale), cond
 
 
 @torch.no_grad()
 def text_to_image_latents(denoiser, tokenizer, prompts, *, negative_prompt=None, guidance: float = 5.0,
                           guidance_rescale: float = 0.0, sampler: str = "dpmpp_2m", steps: int = 20,
                           spacing: str = "trailing", generator: torch.Generator | None = None,
-                          latent_shape: tuple | None = None, progress: bool = True) -> torch.Tensor:
+                          latent_shape: tuple | None = None, progress: bool = True,
+                          image_cond: dict | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) sampled for ``prompts`` with CFG; ``latent_shape`` defaults to the denoiser's."""
     _check_options(guidance, sampler, steps, spacing)
     device = next(denoiser.parameters()).device
     guided, cond = guided_text_denoiser(denoiser, tokenizer, prompts, negative_prompt=negative_prompt,
-                                        guidance=guidance, guidance_rescale=guidance_rescale, device=device)
+                                        guidance=guidance, guidance_rescale=guidance_rescale, device=device,
+                                        image_cond=image_cond)
     shape = tuple(latent_shape or denoiser.image_shape)
     sigmas = sampling_sigmas(denoiser.alphas_cumprod, steps, spacing)
     return sample(guided, (len(cond["tokens"]), *shape), sigmas, sampler=sampler, generator=generator,
                   device=device, extra_args=cond, progress=progress)
-
-
-class TextToImagePipeline:
-    """Autoencoder + text encoder + denoiser: ``pipe.text_to_image(prompts, ...) -> images (B, 3, H, W) in [-1, 1]``.
-
-    ``denoiser`` is a ``Denoiser`` around a ``TextConditionedNet`` (its text encoder and tokenizer live inside
-    it); ``vae`` is the ``AutoencoderKL`` whose scaled latents the denoiser was trained on.
-    """
-
-    def __init__(self, denoiser, vae, *, name: str | None = None, card: dict | None = None):
-        if not hasattr(denoiser.net, "text_encoder"):
-            raise ValueError("denoiser must wrap a TextConditionedNet (a U-Net with its text encoder)")
-        self.denoiser, self.vae, self.name, self.card = denoiser, vae, name, card or {}
-
-    def __repr__(self) -> str:
-        return f"TextToImagePipeline({self.name or 'unnamed'}: latents {tuple(self.denoiser.image_shape)})"
-
-    @property
-    def tokenizer(self):
-        return self.denoiser.net.text_encoder.tokenizer
-
-    @property
-    def text_encoder(self):
-        return self.denoiser.net.text_encoder
-
-    def to(self, device) -> "TextToImagePipeline":
-        self.denoiser.to(device)
-        self.vae.to(device)
-        return self
-
-    def encode_prompt(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context (B, L, D), mask (B, L)) of the prompts: what the U-Net cross-attends to."""
-        return self.text_encoder.encode(check_prompts(prompts)[0])
-
-    @torch.no_grad()
-    def text_to_image(self, prompts, *, negative_prompt=None, guidance: float = 5.0, guidance_rescale: float = 0.0,
-                      sampler: str = "dpmpp_2m", steps: int = 20, spacing: str = "trailing",
-                      generator: torch.Generator | None = None, progress: bool = True,
-                      output: str = "images") -> torch.Tensor:
-        """Images (B, 3, 64, 64) in [-1, 1] for ``prompts`` (``output="latents"``: the latents before decoding)."""
-        if output not in ("images", "latents"):
-            raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
-        z = text_to_image_latents(self.denoiser, self.tokenizer, prompts, negative_prompt=negative_prompt,
-                                  guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, steps=steps,
-                                  spacing=spacing, generator=generator, progress=progress)
-        return z if output == "latents" else self.vae.decode_latents(z).clamp(-1, 1)

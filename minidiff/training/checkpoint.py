@@ -213,7 +213,7 @@ def save_text_model(path, denoiser, *, card: dict | None = None) -> Path:
     tensors = _prefixed("net.", {k: v.float() if v.dtype.is_floating_point else v for k, v in net.state_dict().items()})
     tensors["alphas_cumprod"] = denoiser.alphas_cumprod.detach().to("cpu", torch.float64).contiguous()
     spec = {"unet": asdict(net.unet.config), "encoder": net.text_encoder.spec(), "prediction": denoiser.prediction,
-            "image_shape": list(denoiser.image_shape)}
+            "image_shape": list(denoiser.image_shape), "inpainting": type(net).__name__ == "InpaintingNet"}
     write_safetensors(path, tensors, {"format": TEXT_MODEL_FORMAT, "spec": json.dumps(spec)})
     if card is not None:
         atomic_write_bytes(Path(path).with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode())
@@ -221,15 +221,18 @@ def save_text_model(path, denoiser, *, card: dict | None = None) -> Path:
 
 
 def load_text_model(path, *, device=None):
-    """Rebuild the ``Denoiser`` (around a ``TextConditionedNet``) saved by ``save_text_model``, in eval mode."""
+    """Rebuild the ``Denoiser`` (around a ``TextConditionedNet``, or its ``InpaintingNet``) saved by
+    ``save_text_model``, in eval mode."""
     from minidiff.denoiser import Denoiser
+    from minidiff.models.inpainting_net import InpaintingNet
     from minidiff.models.text_encoder import TextConditionedNet, encoder_from_spec
     from minidiff.models.unet import UNet, UNetConfig
 
     tensors, metadata = read_safetensors(path, expect_format=TEXT_MODEL_FORMAT)
     try:
         spec = json.loads(metadata["spec"])
-        net = TextConditionedNet(UNet(UNetConfig(**spec["unet"])), encoder_from_spec(spec["encoder"]))
+        kind = InpaintingNet if spec.get("inpainting") else TextConditionedNet
+        net = kind(UNet(UNetConfig(**spec["unet"])), encoder_from_spec(spec["encoder"]))
         net.load_state_dict(_unprefixed("net.", tensors))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its spec or weights do not describe a text model ({str(err).splitlines()[0]}); "

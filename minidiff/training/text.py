@@ -29,10 +29,11 @@ from minidiff.data.shapes import COLORS, SHAPES, ShapesDataset, caption
 from minidiff.files import hardware_info
 from minidiff.guidance import caption_dropout
 from minidiff.losses import diffusion_loss
+from minidiff.models.inpainting_net import inpainting_condition, random_latent_masks, widen_for_inpainting
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
 from minidiff.models.unet import PRESETS, unet_from_preset
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
-from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, load_text_model, save_checkpoint
 from minidiff.training.rundir import acquire_lock, check_out_dir
 from minidiff.training.steps import EMA, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
@@ -70,6 +71,8 @@ class TextTrainConfig:
     sample_guidance: float = 3.0
     seed: int = 0
     unet: dict = field(default_factory=lambda: {"attn_levels": [1, 2]})  # overrides of the "tiny" preset
+    inpainting: bool = False  # widen the U-Net's input by mask + masked latent (models.inpainting_net)
+    init: str | None = None  # start from this text model (save_text_model's file) instead of random weights
 
     RESUMABLE = ("steps", "ckpt_every", "sample_every", "sample_guidance")
 
@@ -111,7 +114,11 @@ def shapes64_text_latents(vae, *, n: int = 40_000, seed: int = 4, cache_dir=None
 
 
 def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
-    """The U-Net ("tiny" preset, 4 latent channels, cross-attention) behind the config's text encoder."""
+    """The U-Net ("tiny" preset, 4 latent channels, cross-attention) behind the config's text encoder (or the
+    model ``config.init`` names), widened to an ``InpaintingNet`` if ``config.inpainting``."""
+    if config.init is not None:  # fine-tune a saved text model: its own U-Net and encoder
+        net = load_text_model(config.init).net
+        return widen_for_inpainting(net) if config.inpainting else net
     if config.encoder == "clip":
         if clip is None:
             raise ValueError("encoder='clip' needs a trained tiny CLIP: build_text_net(config, clip=load_clip(...))")
@@ -122,7 +129,8 @@ def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
             encoder = PooledTextEncoder(encoder)
     unet = unet_from_preset("tiny", **{"in_channels": 4, "out_channels": 4, "context_dim": encoder.dim,
                                       **config.unet})
-    return TextConditionedNet(unet, encoder)
+    net = TextConditionedNet(unet, encoder)
+    return widen_for_inpainting(net) if config.inpainting else net
 
 
 @torch.no_grad()
@@ -133,8 +141,11 @@ def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, d
     from minidiff.pipelines.text_to_image import text_to_image_latents
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     denoiser = Denoiser(net, alphas_cumprod, config.prediction, image_shape=(4, 16, 16))
+    full = torch.ones(len(prompts), 1, 16, 16)  # an inpainting model with everything masked is text-to-image
+    image_cond = inpainting_condition(torch.zeros(len(prompts), 4, 16, 16), full) if config.inpainting else None
     z = text_to_image_latents(denoiser, net.text_encoder.tokenizer, prompts, guidance=config.sample_guidance,
-                              steps=20, generator=torch.Generator().manual_seed(config.seed), progress=False)
+                              steps=20, generator=torch.Generator().manual_seed(config.seed), progress=False,
+                              image_cond=image_cond)
     x = decode(z) if decode is not None else z[:, :3]
     save_image((x.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=n_per_prompt, padding=1)
     return x
@@ -211,9 +222,12 @@ def _loop(config, run, out_dir, latents, captions, device, decode, progress) -> 
         idx = torch.randint(len(latents), (config.batch_size,), generator=run["generators"]["data"])
         ids, mask = caption_dropout(tokens[idx], token_mask[idx], config.p_uncond, empty=empty,
                                     generator=run["generators"]["data"])
+        z0 = latents[idx].to(device)
+        image_cond = {} if not config.inpainting else inpainting_condition(
+            z0, random_latent_masks(len(z0), z0.shape[-2:], generator=run["generators"]["data"]).to(device))
         net.train()
-        loss = diffusion_loss(net, latents[idx].to(device), run["alphas_cumprod"], config.prediction,
-                              generator=run["generators"]["noise"], tokens=ids.to(device), token_mask=mask.to(device))
+        loss = diffusion_loss(net, z0, run["alphas_cumprod"], config.prediction, generator=run["generators"]["noise"],
+                              tokens=ids.to(device), token_mask=mask.to(device), **image_cond)
         _check_finite_step(loss.detach(), "loss", step, opt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -267,6 +281,10 @@ def main(argv=None) -> None:
     tr.add_argument("--steps", type=int, default=8000)
     tr.add_argument("--n", type=int, default=40_000, help="scenes generated before the held-out ones are removed")
     tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--inpainting", action="store_true", help="train the 9-channel inpainting model")
+    tr.add_argument("--init", default=None, help="fine-tune this text model file (e.g. the shipped shapes64-text)")
+    tr.add_argument("--lr", type=float, default=TextTrainConfig.lr)
+    tr.add_argument("--warmup", type=int, default=TextTrainConfig.warmup)
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--device", default=None)
     cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
@@ -296,7 +314,9 @@ def main(argv=None) -> None:
         clip = load_clip("shapes-clip")
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
-    train_text(TextTrainConfig(encoder=args.encoder, steps=args.steps), args.out, latents=latents, captions=captions,
+    config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
+                             lr=args.lr, warmup=args.warmup)
+    train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))
 
