@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "SHAPES", "COLORS", "SIZES", "RELATIONS", "ATTR_NAMES", "WORDS", "COLOR_RGB", "SIZE_RADIUS",
-    "caption", "parse_caption", "sample_attrs", "sample_layout", "render", "make_shapes", "ShapesDataset",
+    "caption", "parse_caption", "sample_attrs", "sample_layout", "render", "render_layout", "object_box_mask",
+    "make_shapes", "ShapesDataset", "HELD_OUT", "held_out_mask",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -128,6 +129,21 @@ def sample_attrs(*, max_objects: int = 2, generator: torch.Generator | None = No
     return torch.tensor(attrs, dtype=torch.int64)
 
 
+HELD_OUT = (("red", "square"), ("green", "triangle"), ("blue", "circle"))  # 3 of the 30 (colour, shape) pairs
+
+
+def held_out_mask(attrs: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: True where a scene holds a (colour, shape) pair of ``HELD_OUT`` in either slot (the pairs the
+    text model never sees in training, to measure compositional generalisation)."""
+    pairs = {(COLORS.index(c), SHAPES.index(s)) for c, s in HELD_OUT}
+    attrs = torch.as_tensor(attrs)
+    hit = torch.zeros(len(attrs), dtype=torch.bool)
+    for color, shape in pairs:
+        for slot in (0, 3):
+            hit |= (attrs[:, slot] == shape) & (attrs[:, slot + 1] == color)
+    return hit
+
+
 def _uniform(low: float, high: float, generator) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))
 
@@ -209,6 +225,24 @@ def _render_batch(attrs: torch.Tensor, centres: torch.Tensor, size: int) -> torc
             color = COLOR_RGB[color_ids[idx]].view(-1, 3, 1, 1)
             images[idx] = images[idx] * (1 - alpha) + color * alpha
     return images * 2 - 1
+
+
+def render_layout(attrs: torch.Tensor, centres: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """Render attrs (N, 7) at known centres (N, 2, 2) (``sample_layout``'s) as images (N, 3, size, size)."""
+    return _render_batch(torch.as_tensor(attrs), torch.as_tensor(centres), _check_size(size))
+
+
+def object_box_mask(attrs: torch.Tensor, centres: torch.Tensor, obj: torch.Tensor, size: int = 64, *,
+                    pad: float = 0.02) -> torch.Tensor:
+    """(N, 1, size, size) float masks, 1 on the box [c - r - pad, c + r + pad]^2 of object ``obj`` (N,) in {0, 1}."""
+    attrs, centres, obj = torch.as_tensor(attrs), torch.as_tensor(centres), torch.as_tensor(obj)
+    n = len(attrs)
+    r = torch.tensor(SIZE_RADIUS, dtype=torch.float64)[attrs[torch.arange(n), 3 * obj + 2]] + pad  # (N,)
+    c = centres[torch.arange(n), obj]  # (N, 2) as (x, y)
+    coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    inside_x = (coords[None] - c[:, :1]).abs() <= r[:, None]  # (N, W)
+    inside_y = (coords[None] - c[:, 1:]).abs() <= r[:, None]  # (N, H)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
 
 
 def _check_size(size: int) -> int:

@@ -15,7 +15,7 @@ encoder: it reads shape, colour and size of each object and their relation from 
 The same judge applied to real images rendered from the same prompts gives the *ceiling*: what a perfect model
 would score with this judge (the relation of a diagonal pair is ambiguous, for one). Prompts come in four sets:
 one or two objects, with every (colour, shape) pair seen in training, or with at least one pair from
-``training.text.HELD_OUT`` (compositional generalisation: the colour and the shape were seen, never together).
+``data.shapes.HELD_OUT`` (compositional generalisation: the colour and the shape were seen, never together).
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from minidiff.data.shapes import COLORS, SHAPES, caption, render, sample_attrs
+from minidiff.data.shapes import COLORS, SHAPES, caption, held_out_mask, render, sample_attrs
 from minidiff.eval.autoencoder import to_classifier_size
 from minidiff.eval.classifiers import attrs_to_targets, extract_features, load_classifier
 from minidiff.eval.metrics import frechet_distance_from_features
-from minidiff.files import WEIGHTS_DIR
-from minidiff.training.text import held_out_mask
 
 __all__ = ["SLOTS", "prompt_attrs", "real_images", "judge", "summarize", "generate_for", "evaluate_cell",
-           "evaluate_text_model", "export_text_model"]
+           "evaluate_text_model"]
 
 SLOTS = {"shape": ("shape1", "shape2"), "color": ("color1", "color2"), "size": ("size1", "size2"),
          "relation": ("relation",)}
@@ -141,53 +139,3 @@ def evaluate_text_model(pipe, *, n: int = 300, guidance: float = 5.0, guidances=
                              "real": round(float(clip_score(clip, real, prompts).mean()), 2)}
     out["eval_wall_time_s"] = round(time.perf_counter() - t0, 1)
     return out
-
-
-def export_text_model(run_dir, path, *, vae_name: str = "shapes64-vae", n_eval: int = 300,
-                      clip_name: str | None = "shapes-clip", progress: bool = True):
-    """Write the EMA weights of a text run as ``path`` (``save_text_model``) with a model card: config, data,
-    held-out pairs, training sessions, and the ``evaluate_text_model`` table."""
-    import json
-    from pathlib import Path
-
-    from minidiff.denoiser import Denoiser
-    from minidiff.files import file_sha256
-    from minidiff.models.clip import load_clip
-    from minidiff.pipelines import TextToImagePipeline
-    from minidiff.pretrained import load, model_card
-    from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_text_model
-    from minidiff.training.steps import EMA
-    from minidiff.models.text_encoder import TextConditionedNet, encoder_from_spec
-    from minidiff.training.text import HELD_OUT, TextTrainConfig, build_text_net
-    from minidiff.schedules import alphas_cumprod_from_betas, make_betas
-
-    ckpt = Path(run_dir) / "checkpoint.safetensors"
-    saved = checkpoint_config(ckpt)
-    config = TextTrainConfig(**saved["train"])
-    has_clip = clip_name is not None and (WEIGHTS_DIR / f"{clip_name}.safetensors").is_file()
-    clip = load_clip(clip_name) if has_clip or config.encoder == "clip" else None
-    net = build_text_net(config, clip=clip)
-    if "encoder" in saved:  # the vocabulary it was trained with, even if the course's has grown since
-        net = TextConditionedNet(net.unet, encoder_from_spec(saved["encoder"]))
-    ema = EMA(net)
-    load_checkpoint(ckpt, model=net, ema=ema, restore_rng=False)
-    ema.copy_to(net).eval()
-    denoiser = Denoiser(net, alphas_cumprod_from_betas(make_betas(config.schedule, config.T)), config.prediction,
-                        image_shape=(4, 16, 16))
-    save_text_model(path, denoiser)
-    vae = load(vae_name)
-    metrics = evaluate_text_model(TextToImagePipeline(denoiser, vae), n=n_eval, clip=clip, progress=progress)
-    card = {"name": Path(path).stem, "kind": "text-to-image latent diffusion (Rombach et al. 2022)",
-            "file": Path(path).name, "train": saved["train"], "unet": saved["unet"], "encoder": net.text_encoder.spec(),
-            "params": {"unet": sum(p.numel() for p in net.unet.parameters()),
-                       "text_encoder": sum(p.numel() for p in net.text_encoder.parameters())},
-            "latent": {"vae": vae_name, "vae_sha256": model_card(vae_name)["sha256"],
-                       "scaling_factor": float(vae.scaling_factor)},
-            "data": "captioned 64x64 shapes scenes, one or two objects: ShapesDataset(40000, size=64, seed=4, "
-                    "max_objects=2) minus every scene holding a held-out (colour, shape) pair, encoded with the "
-                    "autoencoder's posterior mean times its scaling factor",
-            "held_out": [list(p) for p in HELD_OUT], "steps": saved["step"], "sessions": saved["sessions"],
-            "train_wall_time_s": round(sum(s.get("wall_s", 0) for s in saved["sessions"]), 1),
-            "metrics": metrics, "sha256": file_sha256(path)}
-    Path(path).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return Path(path)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from minidiff.data.shapes import COLORS, RELATIONS, SHAPES, SIZES, caption
+from minidiff.data.shapes import COLORS, SHAPES, SIZES, caption, held_out_mask, make_shapes
 from minidiff.data.tokenizer import EOS, Tokenizer
 from minidiff.files import WEIGHTS_DIR, read_safetensors, write_safetensors
 from minidiff.models.text_encoder import TransformerTextEncoder
@@ -162,8 +162,6 @@ def clip_score(model: TinyCLIP, images: torch.Tensor, prompts) -> torch.Tensor:
 def evaluate_clip(model: TinyCLIP, *, n: int = 1000, seed: int = 6) -> dict:
     """On ``n`` fresh scenes: how often the true caption beats one hard negative (all, seen, held-out pairs), top-1
     retrieval among 100 captions, and the CLIP score of matched vs mismatched pairs."""
-    from minidiff.data.shapes import make_shapes
-    from minidiff.training.text import held_out_mask
     images, captions, attrs = make_shapes(n, size=64, seed=seed)
     g = torch.Generator().manual_seed(seed)
     f, g_true = model.image_embed(images), model.text_embed(captions)

@@ -25,13 +25,16 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from minidiff.data.latents import cached_latents
-from minidiff.data.shapes import COLORS, SHAPES, ShapesDataset, caption
-from minidiff.files import hardware_info
+from minidiff.data.shapes import HELD_OUT, ShapesDataset, caption, held_out_mask
+from minidiff.denoiser import Denoiser
+from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info
 from minidiff.guidance import caption_dropout
 from minidiff.losses import diffusion_loss
+from minidiff.models.clip import evaluate_clip, load_clip, save_clip, train_clip
 from minidiff.models.inpainting_net import inpainting_condition, random_latent_masks, widen_for_inpainting
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
 from minidiff.models.unet import PRESETS, unet_from_preset
+from minidiff.pipelines.text_to_image import text_to_image_latents
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, load_text_model, save_checkpoint
 from minidiff.training.rundir import acquire_lock, check_out_dir
@@ -41,7 +44,6 @@ from minidiff.utils import command_line, get_device
 __all__ = ["HELD_OUT", "ENCODERS", "TextTrainConfig", "held_out_mask", "shapes64_text_latents", "build_text_net",
            "train_text", "train_shapes_clip", "SAMPLE_PROMPTS", "main"]
 
-HELD_OUT = (("red", "square"), ("green", "triangle"), ("blue", "circle"))  # 3 of the 30 (colour, shape) pairs
 ENCODERS = ("joint", "pooled", "clip")
 SAMPLE_PROMPTS = ("a large red circle", "a small blue square", "a large yellow triangle", "a small white cross",
                   "a large green diamond", "a small purple circle", "a large red square", "a large blue circle",
@@ -87,17 +89,6 @@ class TextTrainConfig:
         replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
 
 
-def held_out_mask(attrs: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: True where a scene holds a (colour, shape) pair of ``HELD_OUT`` in either slot."""
-    pairs = {(COLORS.index(c), SHAPES.index(s)) for c, s in HELD_OUT}
-    attrs = torch.as_tensor(attrs)
-    hit = torch.zeros(len(attrs), dtype=torch.bool)
-    for color, shape in pairs:
-        for slot in (0, 3):
-            hit |= (attrs[:, slot] == shape) & (attrs[:, slot + 1] == color)
-    return hit
-
-
 def shapes64_text_latents(vae, *, n: int = 40_000, seed: int = 4, cache_dir=None, progress: bool = True):
     """(latents (M, 4, 16, 16), attrs (M, 7), captions): the scenes among ``ShapesDataset(n, size=64, seed)``
     (one or two objects) without a held-out pair, encoded once by ``vae`` and cached."""
@@ -137,8 +128,6 @@ def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
 def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, decode=None, prompts=SAMPLE_PROMPTS,
                         n_per_prompt: int = 4) -> torch.Tensor:
     """A PNG with one row per prompt (fixed seed), CFG at ``config.sample_guidance``."""
-    from minidiff.denoiser import Denoiser
-    from minidiff.pipelines.text_to_image import text_to_image_latents
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     denoiser = Denoiser(net, alphas_cumprod, config.prediction, image_shape=(4, 16, 16))
     full = torch.ones(len(prompts), 1, 16, 16)  # an inpainting model with everything masked is text-to-image
@@ -249,8 +238,6 @@ def _loop(config, run, out_dir, latents, captions, device, decode, progress) -> 
 
 def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int = 5, argv=()) -> Path:
     """Train the shipped tiny CLIP on ``n`` scenes without held-out pairs and save it with its card."""
-    from minidiff.files import WEIGHTS_DIR, file_sha256
-    from minidiff.models.clip import evaluate_clip, save_clip, train_clip
     images, _, attrs = ShapesDataset(n, size=64, seed=seed, max_objects=2).tensors()
     keep = ~held_out_mask(attrs)
     t0 = time.perf_counter()
@@ -295,11 +282,20 @@ def main(argv=None) -> None:
     ex = sub.add_parser("export")
     ex.add_argument("run_dir")
     ex.add_argument("path")
-    ex.add_argument("--n-eval", type=int, default=500, help="prompts per evaluation cell")
+    ex.add_argument("--n-eval", type=int, default=300, help="prompts per evaluation cell")
+    ex.add_argument("--threads", type=int, default=None)
+    ei = sub.add_parser("export-inpaint", help="export an --inpainting run with its editing card")
+    ei.add_argument("run_dir")
+    ei.add_argument("path")
+    ei.add_argument("--n-eval", type=int, default=300, help="scenes in the replace problem")
+    ei.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.command == "export":
-        from minidiff.eval.text import export_text_model
-        print(f"exported {export_text_model(args.run_dir, args.path, n_eval=args.n_eval)}")
+    if args.command in ("export", "export-inpaint"):
+        from minidiff.training import text_export  # imports this module: load it only when exporting
+        export = text_export.export_text_model if args.command == "export" else text_export.export_inpainting_model
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"exported {export(args.run_dir, args.path, n_eval=args.n_eval)}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,10 +304,7 @@ def main(argv=None) -> None:
         return
     from minidiff.pretrained import load
     vae = load(args.vae)
-    clip = None
-    if args.encoder == "clip":
-        from minidiff.models.clip import load_clip
-        clip = load_clip("shapes-clip")
+    clip = load_clip("shapes-clip") if args.encoder == "clip" else None
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
