@@ -112,6 +112,26 @@ def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=N
     return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
 
 
+def img2img_start(z0, sigmas, strength, noise):
+    if not 0 <= strength <= 1:
+        raise ValueError("strength must be in [0, 1]")
+    n = len(sigmas) - 1
+    start = n - min(int(n * strength), n)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    s = float(tail[0])
+    a, b = 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
+    return a * z0 + b * noise, tail
+
+
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    s = sigma.reshape(-1, 1, 1, 1)
+    a, b = 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2)
+    x_in = mask * x + (1 - mask) * (a * z0 + b * noise)
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+
+
 CORRECT = {
     "A1.linear_alphas_cumprod": linear_alphas_cumprod, "A1.cosine_alphas_cumprod": cosine_alphas_cumprod,
     "A1.q_sample": q_sample, "A1.snr": snr, "A2.ddpm_loss": ddpm_loss, "A2.ddpm_step": ddpm_step,
@@ -119,6 +139,7 @@ CORRECT = {
     "A4.condition_dropout": condition_dropout, "A4.cfg_combine": cfg_combine, "A4.cfg_denoise": cfg_denoise,
     "A5.reparameterize": reparameterize, "A5.kl_diagonal_gaussian": kl_diagonal_gaussian,
     "A5.scaling_factor": scaling_factor, "A6.cross_attention": cross_attention, "A6.caption_dropout": caption_dropout,
+    "A7.img2img_start": img2img_start, "A7.inpaint_denoise": inpaint_denoise,
 }
 
 
@@ -187,6 +208,31 @@ def _cross(scale=lambda d: 1 / math.sqrt(d), keep=lambda mask: mask[:, None, :],
         attn = logits.softmax(dim).nan_to_num(0.0)
         return attn @ v, attn
     return attention
+
+
+def _img2img(start=lambda n, s: n - min(int(n * s), n), noised=lambda z0, noise, a, b, s: a * z0 + b * noise,
+             whole_at_1=True):
+    def start_level(z0, sigmas, strength, noise):
+        if not 0 <= strength <= 1:
+            raise ValueError("strength must be in [0, 1]")
+        n = len(sigmas) - 1
+        i = start(n, strength)
+        tail = sigmas[i:]
+        if i == 0 and whole_at_1:
+            return noise.clone(), tail
+        s = float(tail[0])
+        a, b = _ab(s)
+        return noised(z0, noise, a, b, s), tail
+    return start_level
+
+
+def _inpaint(fed=lambda x, z0, m, known: m * x + (1 - m) * known, out=lambda x0_hat, z0, m: m * x0_hat + (1 - m) * z0,
+             level=lambda sigma: sigma.reshape(-1, 1, 1, 1)):
+    def step(denoiser, x, sigma, z0, mask, noise):
+        s = level(sigma)
+        a, b = 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2)
+        return out(denoiser(fed(x, z0, mask, a * z0 + b * noise), sigma), z0, mask)
+    return step
 
 
 def _inplace_dropout(labels, p, null_id, *, generator=None):
@@ -267,6 +313,15 @@ WRONG = [
     ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: caption_dropout(ids, mask, p, torch.zeros_like(e_ids), torch.zeros_like(e_mask), generator=generator), "padding only"),
     ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: (caption_dropout(ids, mask, p, e_ids, e_mask, generator=generator)[0], mask.clone()), "keeps its mask"),
     ("A6.caption_dropout", lambda ids, mask, p, e_ids, e_mask, *, generator=None: caption_dropout(ids, mask, 1 - p, e_ids, e_mask, generator=generator), "probability 1 - p"),
+    # A7
+    ("A7.img2img_start", _img2img(start=lambda n, s: min(int(n * s), n)), "that many steps are *skipped*"),
+    ("A7.img2img_start", _img2img(start=lambda n, s: n - round(n * s)), "rounds N * strength"),
+    ("A7.img2img_start", _img2img(noised=lambda z0, noise, a, b, s: z0 + s * noise), "VE state z0 + sigma * noise"),
+    ("A7.img2img_start", _img2img(whole_at_1=False), "strength 1 ignores the input"),
+    ("A7.inpaint_denoise", _inpaint(fed=lambda x, z0, m, known: (1 - m) * x + m * known, out=lambda x0_hat, z0, m: (1 - m) * x0_hat + m * z0), "inverts the mask"),
+    ("A7.inpaint_denoise", _inpaint(out=lambda x0_hat, z0, m: x0_hat), "does not put z0 back in the output"),
+    ("A7.inpaint_denoise", _inpaint(fed=lambda x, z0, m, known: m * x + (1 - m) * z0), "feeds the clean z0"),
+    ("A7.inpaint_denoise", _inpaint(level=lambda sigma: sigma[0]), "uses sigma[0] for every sample"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Planted mistakes for every graded task: each check must NAME the mistake, not only report a difference.
 
-Issue "Assignment checks that name the mistake": for each graded task (A1-A6), at least six realistic mistakes of
+Issue "Assignment checks that name the mistake": for each graded task (A1-A7), at least six realistic mistakes of
 different kinds (math and conventions, ignored inputs, broadcasting, clamping, dtype, in-place edits, calling the
 library function the task asks to write, ...) are planted, counting those of tests/test_checks.py and
 tests/test_checks_diagnose.py; this file adds new ones, of kinds those files do not cover for that task. Each is a
@@ -48,6 +48,19 @@ def cross_attention(x, context, context_mask, w_q, w_k, w_v):
 DROPOUT_HEAD = """
 def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
     drop = (torch.rand((tokens.shape[0],), generator=generator) < p)[:, None]
+"""
+
+# A7: the first lines of an img2img_start that checks strength, and of an inpaint_denoise with a, b per sample.
+START_HEAD = """
+def img2img_start(z0, sigmas, strength, noise):
+    if not 0 <= strength <= 1:
+        raise ValueError("strength must be in [0, 1]")
+    n = len(sigmas) - 1
+"""
+INPAINT_HEAD = """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    s = sigma.reshape(-1, 1, 1, 1)
+    a, b = 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2)
 """
 
 DDPM_HEAD = """
@@ -803,6 +816,195 @@ def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=N
     from minidiff import guidance
     return guidance.caption_dropout(tokens, token_mask, p, empty=(empty_ids, empty_mask), generator=generator)
 """, ["calls the library's reference minidiff.guidance.caption_dropout"]),
+    # ------------------------------------------------------------------------- A7.img2img_start
+    ("A7.img2img_start", "returns the levels after the start", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start + 1:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(sigmas[start]))
+    return a * z0 + b * noise, tail
+""", ["returns the levels after the start, sigmas[start + 1:]", "tail = sigmas[start:]"]),
+    ("A7.img2img_start", "tail from one level before the noised one", START_HEAD + """
+    start = n - int(n * strength)
+    if start == 0:
+        return noise.clone(), sigmas
+    a, b = coeffs(float(sigmas[start]))
+    return a * z0 + b * noise, sigmas[start - 1:]
+""", ["returns the levels from one earlier, sigmas[start - 1:]", "must be the same level"]),
+    ("A7.img2img_start", "alpha_bar and 1 - alpha_bar without the square roots", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    alpha_bar = 1 / (1 + float(tail[0]) ** 2)
+    return alpha_bar * z0 + (1 - alpha_bar) * noise, tail
+""", ["uses alpha_bar = a^2 and 1 - alpha_bar = b^2", "square roots"]),
+    ("A7.img2img_start", "noise weight 1 - a (a lerp)", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, _ = coeffs(float(tail[0]))
+    return torch.lerp(noise, z0, a), tail
+""", ["mixes z0 and noise with weights a and 1 - a", "b = sqrt(1 - a^2)"]),
+    ("A7.img2img_start", "no check of strength", """
+def img2img_start(z0, sigmas, strength, noise):
+    n = len(sigmas) - 1
+    start = n - min(int(n * strength), n)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["accepts strength = 1.5", "raise a ValueError"]),
+    ("A7.img2img_start", "clamps strength into [0, 1] instead of raising", """
+def img2img_start(z0, sigmas, strength, noise):
+    strength = min(max(strength, 0.0), 1.0)
+    n = len(sigmas) - 1
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["accepts strength = 1.5", "strength must lie in [0, 1]"]),
+    ("A7.img2img_start", "draws its own noise", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    eps = torch.randn_like(z0)
+    if start == 0:
+        return eps, tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * eps, tail
+""", ["draws its own random numbers", "use the noise or generator you are given"]),
+    ("A7.img2img_start", "starts from the noise at every strength", START_HEAD + """
+    start = n - int(n * strength)
+    return noise.clone(), sigmas[start:]
+""", ["ignores its input `z0`", "keeps a share a of the input z0"]),
+    ("A7.img2img_start", "returns only x", START_HEAD + """
+    start = n - int(n * strength)
+    if start == 0:
+        return noise.clone()
+    a, b = coeffs(float(sigmas[start]))
+    return a * z0 + b * noise
+""", ["returns one tensor", "a tuple (x, tail)"]),
+    ("A7.img2img_start", "tail as a Python list", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:].tolist()
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(tail[0])
+    return a * z0 + b * noise, tail
+""", ["return a tuple of two tensors (x, tail)"]),
+    ("A7.img2img_start", "tail rebuilt with torch.tensor: float32", START_HEAD + """
+    start = n - int(n * strength)
+    tail = torch.tensor([float(s) for s in sigmas[start:]])
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["returns dtype torch.float32, expected torch.float64"]),
+    ("A7.img2img_start", "x computed in float64", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    z0, noise = z0.double(), noise.double()
+    return a * z0 + b * noise, tail
+""", ["returns dtype torch.float64, expected torch.float32", "Keep the dtype of z0"]),
+    ("A7.img2img_start", "scales z0 in place", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    z0 *= a
+    return z0 + b * noise, tail
+""", ["modifies its argument `z0` in place"]),
+    ("A7.img2img_start", "scales the noise in place", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise, tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + noise.mul_(b), tail
+""", ["modifies its argument `noise` in place"]),
+    ("A7.img2img_start", "calls the library's img2img_start for the index", """
+from minidiff.inpainting import img2img_start as start_index
+def img2img_start(z0, sigmas, strength, noise):
+    start = start_index(len(sigmas) - 1, strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["uses the library's reference minidiff.inpainting.img2img_start"]),
+    ("A7.img2img_start", "calls the library's img2img_start_latents", """
+def img2img_start(z0, sigmas, strength, noise):
+    from minidiff import inpainting
+    return inpainting.img2img_start_latents(z0, sigmas, strength)
+""", ["calls the library's reference minidiff.inpainting.img2img_start_latents"]),
+    # ------------------------------------------------------------------------- A7.inpaint_denoise
+    ("A7.inpaint_denoise", "mask of the output inverted", INPAINT_HEAD + """
+    x0_hat = denoiser(mask * x + (1 - mask) * (a * z0 + b * noise), sigma)
+    return (1 - mask) * x0_hat + mask * z0
+""", ["inverts the mask of the output"]),
+    ("A7.inpaint_denoise", "the denoiser fed x as it is", INPAINT_HEAD + """
+    x0_hat = denoiser(x, sigma)
+    return mask * x0_hat + (1 - mask) * z0
+""", ["feeds the denoiser the state x unchanged", "a z0 + b noise"]),
+    ("A7.inpaint_denoise", "VE noising of the known region", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * (z0 + s * noise)
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["VE state z0 + sigma * noise"]),
+    ("A7.inpaint_denoise", "alpha_bar coefficients without the square roots", """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    alpha_bar = (1 / (1 + sigma**2)).view(-1, 1, 1, 1)
+    x_in = mask * x + (1 - mask) * (alpha_bar * z0 + (1 - alpha_bar) * noise)
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["uses alpha_bar = a^2 and 1 - alpha_bar = b^2", "square roots"]),
+    ("A7.inpaint_denoise", "the noised original in the known region of the output", INPAINT_HEAD + """
+    known = a * z0 + b * noise
+    x_in = mask * x + (1 - mask) * known
+    return mask * denoiser(x_in, sigma) + (1 - mask) * known
+""", ["returns the noised original a z0 + b noise in the known region", "z0 itself"]),
+    ("A7.inpaint_denoise", "the known region noised without the noise", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * a * z0
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["ignores its input `noise`"]),
+    ("A7.inpaint_denoise", "the denoiser given the first sample's sigma", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * (a * z0 + b * noise)
+    return mask * denoiser(x_in, sigma[0].expand(len(x))) + (1 - mask) * z0
+""", ["right for the first sample of the batch but wrong for the others"]),
+    ("A7.inpaint_denoise", "overwrites the known region of x in place", INPAINT_HEAD + """
+    keep = mask < 0.5
+    x[keep.expand_as(x)] = (a * z0 + b * noise)[keep.expand_as(x)]
+    return torch.where(keep, z0, denoiser(x, sigma))
+""", ["modifies its argument `x` in place"]),
+    ("A7.inpaint_denoise", "fresh noise at every call", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * (a * z0 + b * torch.randn_like(z0))
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["draws its own random numbers"]),
+    ("A7.inpaint_denoise", "wraps the library's InpaintDenoiser", """
+from minidiff.inpainting import InpaintDenoiser
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    return InpaintDenoiser(denoiser, z0, mask, noise)(x, sigma)
+""", ["uses the library's reference minidiff.inpainting.InpaintDenoiser"]),
+    ("A7.inpaint_denoise", "builds InpaintDenoiser through a local import", """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    import minidiff.inpainting as inpainting
+    wrapped = inpainting.InpaintDenoiser(denoiser, z0, mask, noise)
+    return wrapped(x, sigma)
+""", ["calls the library's reference minidiff.inpainting.InpaintDenoiser"]),
+    ("A7.inpaint_denoise", "coefficients in float64", """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    s = sigma.double().view(-1, 1, 1, 1)
+    a, b = 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2)
+    x_in = mask * x + (1 - mask) * (a * z0 + b * noise)
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["returns dtype torch.float64, expected torch.float32", "Keep the dtype of x"]),
 ]
 
 
@@ -1070,6 +1272,68 @@ def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=N
 def caption_dropout(tokens, token_mask, p, empty_ids, empty_mask, *, generator=None):
     drop = (torch.randint(0, 1000, (len(tokens), 1), generator=generator) < 1000 * p)
     return torch.where(drop, empty_ids, tokens), torch.where(drop, empty_mask, token_mask)
+"""),
+    ("A7.img2img_start", "math.floor, vp_coefficients on the tensor level, the noise itself at strength 1", """
+def img2img_start(z0, sigmas, strength, noise):
+    if strength < 0 or strength > 1:
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    steps = len(sigmas) - 1
+    start = steps - math.floor(steps * strength)
+    if start == 0:
+        return noise, sigmas
+    a, b = vp_coefficients(sigmas[start])
+    return a.to(z0.dtype) * z0 + b.to(z0.dtype) * noise, sigmas[start:]
+"""),
+    ("A7.img2img_start", "diffusers' init_timestep, sqrt(alpha_bar) as tensors", """
+def img2img_start(z0, sigmas, strength, noise):
+    if not (0.0 <= strength <= 1.0):
+        raise ValueError("strength must be between 0 and 1")
+    num_steps = sigmas.numel() - 1
+    init_timestep = min(int(num_steps * strength), num_steps)
+    t_start = max(num_steps - init_timestep, 0)
+    tail = sigmas[t_start:].clone()
+    if init_timestep == num_steps:
+        return noise.clone(), tail
+    alpha_bar = 1 / (1 + tail[0] ** 2)
+    x = torch.sqrt(alpha_bar) * z0 + torch.sqrt(1 - alpha_bar) * noise
+    return x.to(z0.dtype), tail
+"""),
+    ("A7.img2img_start", "forward.q_sample_sigma per sample, returned as a list", """
+from minidiff.forward import q_sample_sigma
+def img2img_start(z0, sigmas, strength, noise):
+    if not 0 <= strength <= 1:
+        raise ValueError("strength must be in [0, 1]")
+    n = len(sigmas) - 1
+    k = int(n * strength)
+    tail = sigmas[n - k:]
+    if k == n:
+        return [noise.clone(), tail]
+    sigma = torch.full((len(z0),), float(tail[0]), dtype=z0.dtype)
+    return [q_sample_sigma(z0, sigma, noise), tail]
+"""),
+    ("A7.inpaint_denoise", "a loop over the batch, torch.where for the output", """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    x_in = torch.empty_like(x)
+    for i in range(len(x)):
+        a, b = coeffs(float(sigma[i]))
+        x_in[i] = mask[i] * x[i] + (1 - mask[i]) * (a * z0[i] + b * noise[i])
+    x0_hat = denoiser(x_in, sigma)
+    return torch.where(mask > 0.5, x0_hat, z0)
+"""),
+    ("A7.inpaint_denoise", "vp_coefficients and torch.lerp for both blends", """
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    a, b = vp_coefficients(sigma)
+    a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+    known = a * z0 + b * noise
+    x0_hat = denoiser(torch.lerp(known, x, mask), sigma)
+    return torch.lerp(z0, x0_hat, mask)
+"""),
+    ("A7.inpaint_denoise", "forward.q_sample_sigma and a keep mask", """
+from minidiff.forward import q_sample_sigma
+def inpaint_denoise(denoiser, x, sigma, z0, mask, noise):
+    keep = 1 - mask
+    x_in = x * mask + q_sample_sigma(z0, sigma, noise) * keep
+    return denoiser(x_in, sigma) * mask + z0 * keep
 """),
 ]
 

@@ -12,7 +12,8 @@ from minidiff.course import checks
 from minidiff.course.assignments import ROOT
 from minidiff.course.grade import grade_all, main
 
-NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance", "A5_latent_space", "A6_text_conditioning"]
+NAMES = ["A1_forward_process", "A2_ddpm", "A3_samplers", "A4_guidance", "A5_latent_space", "A6_text_conditioning",
+         "A7_editing"]
 SNR = "def snr(alphas_cumprod):\n    return alphas_cumprod / (1 - alphas_cumprod)"
 Q_SAMPLE = ("def q_sample(x0, t, noise, alphas_cumprod):\n"
             "    ab = alphas_cumprod[t].to(x0.dtype).reshape(-1, 1, 1, 1)\n"
@@ -54,6 +55,7 @@ def test_every_fresh_exercise_scores_zero_and_gets_a_report(course_reports):
     assert json.loads((out / "solutions__A3_samplers.json").read_text())["score"] == 8
     assert json.loads((out / "solutions__A5_latent_space.json").read_text())["score"] == 7
     assert json.loads((out / "solutions__A6_text_conditioning.json").read_text())["score"] == 6
+    assert json.loads((out / "solutions__A7_editing.json").read_text())["score"] == 5
 
 
 def _notebook(path, sources):

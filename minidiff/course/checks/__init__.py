@@ -342,4 +342,4 @@ def regrade(namespace: dict, names, *, log_path: str, nonce: str, time_limit: fl
 
 # importing the assignment modules registers their tasks
 from minidiff.course.checks import (  # noqa: E402,F401
-    a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent, a6_attention, a6_dropout)
+    a1_forward, a2_ddpm, a3_samplers, a4_guidance, a5_latent, a6_attention, a6_dropout, a7_editing)

@@ -168,6 +168,10 @@ def _has_signature(fn) -> bool:
 def _same(a, b) -> bool:
     if torch.is_tensor(a) and torch.is_tensor(b):
         return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):  # e.g. (out, attn): the same if each part is
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return False
     return a == b
 
 
