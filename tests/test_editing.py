@@ -277,3 +277,28 @@ def test_sampling_sigmas_tail_is_what_img2img_runs(pipe):
     sigmas = sampling_sigmas(pipe.denoiser.alphas_cumprod, 10, "trailing")
     _, tail = img2img_start_latents(torch.zeros(1, 4, 2, 2), sigmas, 0.3)
     assert len(tail) - 1 == 3 and tail[-1] == 0
+
+
+def test_inpainting_fine_tune_starts_from_the_text_model_and_exports_a_card(tmp_path):
+    import json
+
+    from minidiff.files import WEIGHTS_DIR, file_sha256
+    from minidiff.training.text import TextTrainConfig, train_text
+    from minidiff.training.text_export import export_inpainting_model
+
+    base = WEIGHTS_DIR / "shapes64-text.safetensors"
+    config = TextTrainConfig(steps=2, batch_size=4, warmup=1, lr=1e-4, inpainting=True, init=str(base), ckpt_every=2,
+                             sample_every=10**6)
+    result = train_text(config, tmp_path / "run", latents=torch.randn(16, 4, 16, 16, generator=_gen(0)),
+                        captions=["a small red circle"] * 16, progress=False)
+    assert isinstance(result["net"], InpaintingNet) and result["net"].unet.conv_in.weight.shape[1] == 9
+    text = load_text_model(base).net.state_dict()
+    tuned = result["net"].state_dict()
+    assert (tuned["unet.conv_out.weight"] - text["unet.conv_out.weight"]).abs().max() < 0.01  # fine-tuned, not new
+    path = export_inpainting_model(tmp_path / "run", tmp_path / "inp.safetensors", n_eval=4, progress=False)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert set(card["metrics"]["replace"]) == {"inpainting model", "inpainting model, no paste-back", "training-free",
+                                               "training-free, DDPM", "training-free + RePaint (5 jumps)"}
+    assert [r["strength"] for r in card["metrics"]["recolor_by_img2img"]] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert card["base_model"] == {"name": "shapes64-text", "sha256": file_sha256(base)}
+    assert isinstance(load_text_model(path).net, InpaintingNet) and card["sha256"] == file_sha256(path)

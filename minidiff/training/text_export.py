@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minidiff.data.shapes import HELD_OUT
 from minidiff.denoiser import Denoiser
-from minidiff.eval.editing import evaluate_inpainting, replace_scenes
+from minidiff.eval.editing import evaluate_img2img, evaluate_inpainting, recolor_scenes, replace_scenes
 from minidiff.eval.text import evaluate_text_model
 from minidiff.files import WEIGHTS_DIR, file_sha256
 from minidiff.models.clip import load_clip
@@ -89,7 +89,8 @@ def export_inpainting_model(run_dir, path, *, vae_name: str = "shapes64-vae", n_
                             progress: bool = True) -> Path:
     """Write an inpainting run's EMA weights as ``path`` with a card: the replace problem (``eval.editing``) for
     the model (with and without pasting z0 back outside the mask) and for training-free inpainting with its
-    base text model, on the same scenes and seeds."""
+    base text model (DPM-Solver++, DDPM, RePaint), on the same scenes and seeds; and the base model's
+    image-to-image strength curve on the recolor problem."""
     denoiser, saved = ema_denoiser(run_dir)
     save_text_model(path, denoiser)
     vae = load(vae_name)
@@ -97,12 +98,15 @@ def export_inpainting_model(run_dir, path, *, vae_name: str = "shapes64-vae", n_
     base = TextToImagePipeline(load_text_model(base_path), vae)
     scenes = replace_scenes(n_eval, seed=0)
     model = TextToImagePipeline(denoiser, vae)
-    metrics = {"replace": {
-        "inpainting model": _row(evaluate_inpainting(model, scenes, progress=progress)),
-        "inpainting model, no paste-back": _row(evaluate_inpainting(model, scenes, keep_unmasked=False,
-                                                                    progress=progress)),
-        f"training-free ({base_path.stem})": _row(evaluate_inpainting(base, scenes, progress=progress))},
-        "settings": {"guidance": 5.0, "sampler": "dpmpp_2m", "steps": 20, "n": n_eval}}
+    runs = {"inpainting model": (model, {}), "inpainting model, no paste-back": (model, {"keep_unmasked": False}),
+            "training-free": (base, {}), "training-free, DDPM": (base, {"sampler": "ddpm"}),
+            "training-free + RePaint (5 jumps)": (base, {"jumps": 5})}
+    replace = {name: _row(evaluate_inpainting(pipe, scenes, progress=progress, **options))
+               for name, (pipe, options) in runs.items()}
+    recolor = [_row(r) for r in evaluate_img2img(base, recolor_scenes(n_eval, seed=0), progress=progress)]
+    metrics = {"replace": replace, "recolor_by_img2img": recolor,
+               "settings": {"guidance": 5.0, "sampler": "dpmpp_2m unless named", "steps": 20, "n": n_eval,
+                            "training_free_model": base_path.stem, "img2img_model": base_path.stem}}
     base_info = {"name": base_path.stem, "sha256": file_sha256(base_path)}
     return _write_card(path, _card(path, denoiser, saved, vae, vae_name,
                                    "inpainting latent diffusion: the text model's U-Net with mask and masked-latent "
