@@ -12,6 +12,7 @@ import torch
 
 from minidiff import guidance
 from minidiff.course.checks import Mismatch, call, expect_pair, task
+from minidiff.course.checks.diagnose import name_drop_fraction
 from minidiff.data.tokenizer import Tokenizer
 
 _PROMPTS = ("a small red circle", "a large blue square above a small yellow triangle", "a large white cross",
@@ -73,13 +74,7 @@ def _dropout_statistics(student) -> None:
                        "torch.manual_seed inside the function?); draw with torch.rand((B,), generator=generator)")
     for p in (0.1, 0.7):
         out_ids, _ = run(p, 10)
-        frac = (out_ids == empty_ids).all(dim=1).double().mean().item()
-        sd = (p * (1 - p) / len(ids)) ** 0.5
-        if abs(frac - (1 - p)) < 5 * sd:
-            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}: the probability is inverted, "
-                           f"drop a prompt when torch.rand(...) < p")
-        if abs(frac - p) > 5 * sd:
-            raise Mismatch(f"drops a fraction {frac:.3f} of the prompts at p = {p}, expected about {p}")
+        name_drop_fraction((out_ids == empty_ids).all(dim=1).double().mean().item(), p, len(ids), "prompts")
 
 
 def _dropout_result(got, ids, mask, empty_ids, empty_mask, case: str):

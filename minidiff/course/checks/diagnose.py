@@ -220,3 +220,16 @@ def library_step(sampler, denoiser, x: torch.Tensor, sigma: float, sigma_next: f
     except _StopSampling:
         pass
     return state["x"]
+
+
+def name_drop_fraction(frac: float, p: float, n: int, what: str) -> None:
+    """Raise Mismatch if a dropout that should drop a fraction p of ``n`` ``what`` dropped ``frac`` instead
+    (5 standard errors): an inverted probability (about 1 - p) is named as such."""
+    from minidiff.course.checks import Mismatch
+
+    sd = (p * (1 - p) / n) ** 0.5
+    if abs(frac - (1 - p)) < 5 * sd:
+        raise Mismatch(f"drops a fraction {frac:.3f} of the {what} at p = {p}: the probability is inverted, "
+                       f"drop when torch.rand(...) < p")
+    if abs(frac - p) > 5 * sd:
+        raise Mismatch(f"drops a fraction {frac:.3f} of the {what} at p = {p}, expected about {p}")
