@@ -76,6 +76,17 @@ def test_strength_0_is_the_round_trip_and_1_is_text_to_image(pipe, scenes, round
     assert torch.equal(one, pipe.text_to_image(prompts, generator=_gen(3), **KW))
 
 
+def test_one_image_many_prompts_and_too_few_steps(pipe, scenes):
+    image = scenes[0][:1]
+    prompts = ["a large red circle", "a small blue square", "a large white cross"]
+    out = pipe.image_to_image(prompts, image, strength=0.5, generator=_gen(), **KW)
+    assert out.shape == (3, 3, 64, 64) and not torch.equal(out[0], out[1])
+    mask = _box_mask(1)
+    assert pipe.inpaint(prompts, image, mask, generator=_gen(), **KW).shape == (3, 3, 64, 64)
+    with pytest.raises(ValueError, match="0 sampling steps"):
+        pipe.image_to_image(prompts[0], image, strength=0.1, steps=8, progress=False)
+
+
 def test_more_strength_changes_more(pipe, scenes, round_trip):
     images, _ = scenes
     prompts = ["a large white cross"] * len(images)  # a prompt unlike every scene: the edit must move away

@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minidiff.inpainting import InpaintDenoiser, check_mask, img2img_start_latents, latent_mask
+from minidiff.inpainting import InpaintDenoiser, check_mask, img2img_start, img2img_start_latents, latent_mask
 from minidiff.models.inpainting_net import InpaintingNet, inpainting_condition
 from minidiff.pipelines.text_to_image import _check_options, check_prompts, guided_text_denoiser
 from minidiff.samplers import get_sampler, sample_repaint
 from minidiff.schedules import sampling_sigmas
 from minidiff.utils import check_generator, randn
 
-__all__ = ["check_images", "encode_images", "image_to_image_latents", "inpaint_latents", "outpaint_canvas",
+__all__ = ["check_images", "match_batch", "encode_images", "image_to_image_latents", "inpaint_latents", "outpaint_canvas",
            "pixel_to_latent_mask"]
 
 
@@ -58,6 +58,12 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.encode_latents(images.to(device).float())
 
 
+def match_batch(prompts, images: torch.Tensor) -> torch.Tensor:
+    """``images`` repeated to one per prompt when one image is given for several prompts."""
+    n = len(check_prompts(prompts)[0])
+    return images.expand(n, *images.shape[1:]) if len(images) == 1 and n > 1 else images
+
+
 def _match_prompts(prompts, negative_prompt, n: int):
     prompts, negative = check_prompts(prompts, negative_prompt)
     if len(prompts) == 1 and n > 1:
@@ -78,6 +84,9 @@ def image_to_image_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, *, st
     ``inpainting.img2img_start_latents``)."""
     _check_options(guidance, sampler, steps, spacing)
     prompts, negative = _match_prompts(prompts, negative_prompt, len(z0))
+    if strength != 0 and img2img_start(steps, strength) == steps:  # diffusers raises here too
+        raise ValueError(f"strength {strength} with steps={steps} runs int({steps} * {strength}) = 0 sampling steps: "
+                         f"raise steps or strength (strength 0 returns the input's round trip)")
     sigmas = sampling_sigmas(denoiser.alphas_cumprod, steps, spacing)
     x, tail = img2img_start_latents(z0, sigmas, strength, generator=generator)
     if len(tail) < 2:

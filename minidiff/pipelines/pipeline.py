@@ -6,7 +6,7 @@
     pipe.inpaint(prompts, images, mask, ...)      # mask: (B, 1, H, W) or (H, W), 1 = repaint
     pipe.outpaint(prompts, images, right=32, ...) # a wider canvas, the new part generated
 
-Each method is a few lines over the plain functions of ``pipelines.text_to_image`` and ``pipelines.editing``
+One image given with several prompts is edited once per prompt. Each method is a few lines over the plain functions of ``pipelines.text_to_image`` and ``pipelines.editing``
 (the style guide: expose the loop); read those to see what happens.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from minidiff.models.inpainting_net import InpaintingNet, inpainting_condition
 from minidiff.pipelines.editing import (check_images, encode_images, image_to_image_latents, inpaint_latents,
-                                        outpaint_canvas, pixel_to_latent_mask)
+                                        match_batch, outpaint_canvas, pixel_to_latent_mask)
 from minidiff.pipelines.text_to_image import check_prompts, text_to_image_latents
 
 __all__ = ["TextToImagePipeline"]
@@ -98,7 +98,7 @@ class TextToImagePipeline:
         if self.is_inpainting_model:
             raise ValueError("image_to_image needs the text model (load_pipeline('shapes64-text')); an inpainting "
                              "model edits through inpaint() with a mask")
-        z0 = encode_images(self.vae, check_images(images, self.vae))
+        z0 = encode_images(self.vae, match_batch(prompts, check_images(images, self.vae)))
         z = image_to_image_latents(self.denoiser, self.tokenizer, prompts, z0, strength=strength, **options)
         return self._output(z, output)
 
@@ -110,7 +110,7 @@ class TextToImagePipeline:
         The text model inpaints training-free (``InpaintDenoiser``); an inpainting model through its extra input
         channels. ``jumps`` > 1 adds RePaint resampling. The mask rule: ``minidiff.inpainting``."""
         self._check_output(output)
-        images = check_images(images, self.vae)
+        images = match_batch(prompts, check_images(images, self.vae))
         z0 = encode_images(self.vae, images)
         m = pixel_to_latent_mask(mask, images, tuple(z0.shape[-2:]))
         z = inpaint_latents(self.denoiser, self.tokenizer, prompts, z0, m, jumps=jumps, keep_unmasked=keep_unmasked,
@@ -123,7 +123,7 @@ class TextToImagePipeline:
         """``images`` extended by the pixel margins (multiples of 4), the new part generated for ``prompts``
         (which describe the whole new canvas): inpainting on an enlarged latent canvas."""
         self._check_output(output)
-        z0 = encode_images(self.vae, check_images(images, self.vae))
+        z0 = encode_images(self.vae, match_batch(prompts, check_images(images, self.vae)))
         canvas, m = outpaint_canvas(z0, left=left, right=right, top=top, bottom=bottom, factor=self.vae.factor)
         z = inpaint_latents(self.denoiser, self.tokenizer, prompts, canvas, m, jumps=jumps, **options)
         return self._output(z, output)
