@@ -26,6 +26,8 @@ autoencoder's round trip of the input.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ def check_mask(mask, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"mask must be a tensor (B, 1, H, W) or (H, W) with 1 = repaint, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise ValueError(f"mask must be bool or float in [0, 1] (1 = repaint), got dtype {mask.dtype}")
-    if mask.ndim == 2:
+    if mask.ndim == 2 and tuple(mask.shape) == (H, W):
         mask = mask[None, None].expand(batch_size, 1, H, W)
     if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (H, W) or mask.shape[0] not in (1, batch_size):
         raise ValueError(f"mask must have shape (B, 1, H, W) = ({batch_size}, 1, {H}, {W}) or (H, W) = ({H}, {W}) "
@@ -66,7 +68,9 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
 
 def img2img_start(steps: int, strength: float) -> int:
     """Index of the first of ``steps`` sampling levels for ``strength`` (diffusers' img2img rule): N - int(N s)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+    if torch.is_tensor(strength) and strength.numel() == 1:
+        strength = float(strength)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
         raise ValueError(f"strength must be a number in [0, 1] (0 = return the input, 1 = ignore it), "
                          f"got {strength!r}")
     return steps - min(int(steps * strength), steps)
@@ -93,8 +97,10 @@ class InpaintDenoiser(nn.Module):
     """Training-free inpainting as a denoiser wrapper (Song et al. 2021, App. I.2; Lugmayr et al. 2022, Eq. 8).
 
     D_inp(x, sigma) = m * D(x', sigma) + (1 - m) * z0, where x' = m * x + (1 - m) * (a z0 + b eps): the network
-    sees the known region at the forward-noised level of the current sigma, and its estimate there is replaced
-    by z0 itself. For any sampler, the state then stays a z0 + b eps in the known region and ends at z0.
+    always sees the known region at the forward-noised level of the current sigma, its estimate there is z0
+    itself, and so the sampler's output ends at z0 in the known region, for any sampler. One deviation from
+    RePaint, which draws fresh noise for the known region at every step: eps is one fixed draw (``noise``), so
+    that a deterministic sampler stays deterministic.
     """
 
     def __init__(self, denoiser: nn.Module, z0: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):

@@ -276,12 +276,14 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
 @torch.no_grad()
 def sample_repaint(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, progress=False,
                    noise_sampler=None, jumps=10, variance="fixed_small"):
-    """DDPM with resampling, RePaint (Lugmayr et al. 2022, Alg. 1, jump length 1): each step is taken ``jumps``
-    times; between tries the state goes back up one level, x_i = (a_i / a_next) x_next + a_i sqrt(s_i^2 -
-    s_next^2) z, so a wrapped inpainting denoiser can harmonise the generated region with the known one.
-    jumps = 1 is ``sample_ddpm``. Not in ``SAMPLERS``: it costs ``jumps`` times the NFE of DDPM."""
+    """DDPM with resampling, RePaint (Lugmayr et al. 2022, Alg. 1 with jump length j = 1): each step is taken
+    ``jumps`` times (Alg. 1's U, the number of resamplings); between tries the state goes back up one level with
+    q(x_i | x_next): x_i = (a_i / a_next) x_next + a_i sqrt(s_i^2 - s_next^2) z, so a wrapped inpainting denoiser
+    can harmonise the generated region with the known one. jumps = 1 is ``sample_ddpm``. Not in ``SAMPLERS``: it
+    costs ``jumps`` times the NFE of DDPM."""
     if isinstance(jumps, bool) or not isinstance(jumps, int) or jumps < 1:
-        raise ValueError(f"jumps must be an int >= 1 (1 = plain DDPM; RePaint uses 10), got {jumps!r}")
+        raise ValueError(f"jumps must be an int >= 1 (1 = plain DDPM; RePaint's paper uses U = 10 resamplings), "
+                         f"got {jumps!r}")
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     s, a, b, cond = _prepare(x, sigmas, extra_args, callback)
@@ -289,7 +291,8 @@ def sample_repaint(denoiser, x, sigmas, *, extra_args=None, callback=None, gener
     for i in _steps(len(s) - 1, progress):
         for u in range(jumps if s[i + 1] > 0 else 1):  # the last step, to sigma = 0, is not resampled
             if u:
-                x = (a[i] / a[i + 1]) * x + a[i] * math.sqrt(s[i] ** 2 - s[i + 1] ** 2) * noise(s[i + 1], s[i])
+                std = math.sqrt(max(b[i] ** 2 - (a[i] * b[i + 1] / a[i + 1]) ** 2, 0.0))  # finite at s[i] = inf
+                x = (a[i] / a[i + 1]) * x + std * noise(s[i + 1], s[i])
             x0_hat = _denoise(denoiser, x, s[i], cond)
             _report(callback, i, s[i], s[i + 1], x, x0_hat)
             x = _ddpm_step(x, x0_hat, a[i], b[i], a[i + 1], b[i + 1], variance, lambda: noise(s[i], s[i + 1]))

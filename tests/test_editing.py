@@ -87,6 +87,28 @@ def test_one_image_many_prompts_and_too_few_steps(pipe, scenes):
         pipe.image_to_image(prompts[0], image, strength=0.1, steps=8, progress=False)
 
 
+def test_one_prompt_with_a_negative_prompt_per_image(pipe, scenes):
+    images, prompts = scenes
+    out = pipe.image_to_image(prompts[0], images, negative_prompt=prompts, strength=0.5, generator=_gen(), **KW)
+    assert out.shape == images.shape
+
+
+def test_judging_slots_follows_the_judges_object_order():
+    """The unedited input judged against the edited caption: the edited object is wrong, the kept one right,
+    whatever the relation (the judge reads "A below B" as "B above A")."""
+    from minidiff.eval.classifiers import load_classifier
+    from minidiff.eval.editing import object_correct, replace_scenes
+    from minidiff.eval.text import judge
+    scenes = replace_scenes(80, seed=5)
+    result = judge(scenes["images"], scenes["target"], load_classifier("shapes"))
+    edited = object_correct(result, scenes["target"], scenes["slot"], heads=("shape", "color"))
+    kept = object_correct(result, scenes["target"], 1 - scenes["slot"])
+    swapped = (scenes["target"][:, 6] == 1) | (scenes["target"][:, 6] == 3)
+    assert 0 < swapped.sum() < 80
+    assert edited.double().mean() < 0.1 and kept.double().mean() > 0.85
+    assert kept[swapped].double().mean() > 0.85 and kept[~swapped].double().mean() > 0.85
+
+
 def test_more_strength_changes_more(pipe, scenes, round_trip):
     images, _ = scenes
     prompts = ["a large white cross"] * len(images)  # a prompt unlike every scene: the edit must move away
@@ -126,7 +148,7 @@ def test_mask_forms_and_soft_values():
     (torch.zeros(4, 64, 64), "shape"), (torch.zeros(4, 3, 64, 64), "shape"), (torch.zeros(4, 1, 32, 32), "shape"),
     (torch.zeros(2, 1, 64, 64), "shape"), (torch.zeros(1, 1, 64, 64, dtype=torch.int64), "dtype"),
     (torch.full((64, 64), 2.0), "\\[0, 1\\]"), (torch.full((64, 64), -0.5), "\\[0, 1\\]"),
-    (torch.full((64, 64), float("nan")), "\\[0, 1\\]"), ([[0, 1]], "tensor")])
+    (torch.full((64, 64), float("nan")), "\\[0, 1\\]"), ([[0, 1]], "tensor"), (torch.zeros(32, 32), "shape")])
 def test_bad_masks_are_named(pipe, scenes, mask, message):
     with pytest.raises(ValueError, match=f"mask .*{message}"):
         pipe.inpaint(scenes[1], scenes[0], mask, **KW)
@@ -139,6 +161,8 @@ def test_all_zero_mask_is_a_no_op(pipe, scenes, round_trip):
 
 def test_bad_images_and_prompt_counts_are_named(pipe, scenes):
     images, prompts = scenes
+    with pytest.raises(ValueError, match="batch axis.*images\\[None\\]"):
+        pipe.image_to_image(prompts[0], images[0], **KW)
     with pytest.raises(ValueError, match="images must lie in \\[-1, 1\\]"):
         pipe.image_to_image(prompts, images * 3, **KW)
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -173,10 +197,10 @@ def test_wrapper_feeds_the_noised_original_and_returns_z0_outside():
 def test_training_free_keeps_the_unmasked_part(pipe, scenes, round_trip):
     images, prompts = scenes
     mask = _box_mask()
-    z = pipe.inpaint(prompts, images, mask, generator=_gen(2), output="latents", **KW)
+    z = pipe.inpaint(prompts, images, mask, generator=_gen(2), output="latents", keep_unmasked=False, **KW)
     z0 = pipe.vae.encode_latents(images)
     lat = latent_mask(mask, (16, 16)).expand_as(z)
-    assert torch.equal(z[lat == 0], z0[lat == 0])  # exactly z0 in every kept latent cell
+    assert torch.equal(z[lat == 0], z0[lat == 0])  # exactly z0 in every kept latent cell, from the wrapper alone
     out = pipe.vae.decode_latents(z)
     keep = (mask == 0).expand_as(out)
     err, floor = (out - images).abs()[keep].mean().item(), (round_trip - images).abs()[keep].mean().item()
@@ -218,10 +242,30 @@ def test_repaint_jump_back_has_the_forward_marginal():
     assert abs(back.mean().item() - a * 0.7) < 0.02 and abs(back.std().item() - b) < 0.02
 
 
+def test_repaint_jump_back_continues_from_the_step_it_undoes():
+    """The jump back is q(x_i | x_next): it scales x_next by a_i / a_next and adds independent noise, so
+    cov(x_i, x_next) = (a_i / a_next) var(x_next) (a re-noised x0_hat, or a fresh draw, would have cov 0)."""
+    sigmas, n = torch.tensor([4.0, 1.0, 0.0]), 20000
+    states = []
+
+    def denoiser(x, sigma, **cond):
+        states.append(x.clone())
+        return torch.zeros_like(x)  # x_next then depends on x only through the DDPM mean and fresh noise
+    x_start = torch.randn(n, 1, 1, 1, generator=_gen(3)) * 2.0
+    sample_repaint(denoiser, x_start, sigmas, generator=_gen(8), jumps=2)
+    a0, a1 = 1 / (1 + 16) ** 0.5, 1 / (1 + 1) ** 0.5
+    first, back = states[0].flatten(), states[1].flatten()  # x at level 0, and x at level 0 after the jump back
+    # x_next = m * first + noise, with the DDPM posterior mean coefficient m for x0_hat = 0
+    alpha = (a0 / a1) ** 2
+    m = alpha**0.5 * (1 / (1 + 1)) / (16 / (1 + 16))  # sqrt(alpha) b_next^2 / b^2
+    expected = (a0 / a1) * m * first.var()
+    assert abs(torch.cov(torch.stack([back, first]))[0, 1] - expected) < 0.03 * first.var()
+
+
 def test_inpaint_with_repaint_runs_and_keeps_the_outside(pipe, scenes):
     images, prompts = scenes
     z = pipe.inpaint(prompts, images, _box_mask(), jumps=2, generator=_gen(), output="latents", steps=4,
-                     progress=False)
+                     keep_unmasked=False, progress=False)
     lat = latent_mask(_box_mask(), (16, 16)).expand_as(z)
     assert torch.equal(z[lat == 0], pipe.vae.encode_latents(images)[lat == 0])
 
@@ -313,3 +357,11 @@ def test_inpainting_fine_tune_starts_from_the_text_model_and_exports_a_card(tmp_
     assert [r["strength"] for r in card["metrics"]["recolor_by_img2img"]] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert card["base_model"] == {"name": "shapes64-text", "sha256": file_sha256(base)}
     assert isinstance(load_text_model(path).net, InpaintingNet) and card["sha256"] == file_sha256(path)
+
+
+def test_repaint_from_zero_terminal_snr_is_finite():
+    def denoiser(x, sigma, **cond):
+        return torch.tanh(x)
+    x = sample_repaint(denoiser, torch.randn(2, 3, 4, 4, generator=_gen(1)),
+                       torch.tensor([float("inf"), 3.0, 0.5, 0.0]), generator=_gen(2), jumps=3)
+    assert torch.isfinite(x).all()

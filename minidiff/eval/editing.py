@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from minidiff.data.shapes import (BACKGROUND_RGB, COLORS, SHAPES, caption, held_out_mask, object_box_mask,
-                                  render_layout, sample_layout)
+from minidiff.data.shapes import (BACKGROUND_RGB, COLORS, RELATIONS, SHAPES, caption, held_out_mask,
+                                  object_box_mask, render_layout, sample_layout)
 from minidiff.eval.classifiers import load_classifier
 from minidiff.eval.text import judge, prompt_attrs
 
-__all__ = ["replace_scenes", "recolor_scenes", "foreground", "foreground_iou", "preservation", "evaluate_inpainting",
-           "evaluate_img2img", "INPAINT_METHODS"]
+__all__ = ["replace_scenes", "recolor_scenes", "foreground", "foreground_iou", "object_correct", "round_trip",
+           "preservation", "evaluate_inpainting", "evaluate_img2img", "INPAINT_METHODS"]
 
 INPAINT_METHODS = {  # name -> (pipeline kind, pipe.inpaint options)
     "training-free": ("text", {"sampler": "dpmpp_2m"}),
@@ -82,9 +82,19 @@ def foreground(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
 
 def foreground_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n,) IoU of the foregrounds of two image batches (1 where both are empty)."""
-    fa, fb = foreground(a).flatten(1), foreground(b).flatten(1)
+    fa, fb = foreground(a).flatten(1), foreground(b.to(a.device)).flatten(1)
     union = (fa | fb).sum(1)
-    return torch.where(union > 0, (fa & fb).sum(1) / union.clamp(min=1), torch.ones(len(a)))
+    return torch.where(union > 0, (fa & fb).sum(1) / union.clamp(min=1), torch.ones(len(a), device=a.device))
+
+
+def object_correct(result: dict, attrs: torch.Tensor, slot: torch.Tensor,
+                   heads=("shape", "color", "size")) -> torch.Tensor:
+    """(n,) bool: ``judge``'s heads right for object ``slot`` (n,) in {0, 1} of ``attrs`` (n, 7). The judge orders
+    the objects canonically (``attrs_to_targets``: "A below B" is judged as "B above A"), so slot k of a pair
+    with relation "below" or "right of" is the judge's object 2 - k."""
+    swapped = (attrs[:, 6] == RELATIONS.index("below")) | (attrs[:, 6] == RELATIONS.index("right of"))
+    judged = torch.where(swapped, 1 - slot, slot) + 1  # 1 or 2
+    return torch.stack([torch.where(judged == 1, result[f"{h}1"], result[f"{h}2"]) for h in heads]).all(0)
 
 
 def _ring(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -107,7 +117,15 @@ def preservation(out: torch.Tensor, images: torch.Tensor, round_trip: torch.Tens
 
 
 def _in_chunks(fn, n: int, chunk: int, desc: str, progress: bool) -> torch.Tensor:
-    return torch.cat([fn(slice(i, i + chunk)) for i in tqdm(range(0, n, chunk), desc=desc, disable=not progress)])
+    """fn on slices of ``chunk`` items, results on the CPU (where the judge and the references live)."""
+    return torch.cat([fn(slice(i, i + chunk)).cpu() for i in tqdm(range(0, n, chunk), desc=desc,
+                                                                  disable=not progress)])
+
+
+def round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's round trip of CPU ``images``, on the CPU: the floor of every latent edit."""
+    device = next(vae.parameters()).device
+    return vae.decode_latents(vae.encode_latents(images.to(device))).cpu()
 
 
 @torch.no_grad()
@@ -119,18 +137,17 @@ def evaluate_inpainting(pipe, scenes: dict, *, guidance: float = 5.0, steps: int
     out = _in_chunks(lambda s: pipe.inpaint(scenes["prompts"][s], scenes["images"][s], scenes["mask"][s],
                                             guidance=guidance, steps=steps, generator=g, progress=False, **options),
                      n, chunk, "inpainting", progress)
-    round_trip = pipe.vae.decode_latents(pipe.vae.encode_latents(scenes["images"]))
+    floor = round_trip(pipe.vae, scenes["images"])
     classifier = load_classifier("shapes")
     ok, ideal = judge(out, scenes["target"], classifier), judge(scenes["ideal"], scenes["target"], classifier)
 
     def slot_ok(result, which):
-        k = scenes["slot"] + 1 if which == "edited" else 2 - scenes["slot"]
-        heads = [torch.where(k == 1, result[f"{h}1"], result[f"{h}2"]) for h in ("shape", "color", "size")]
-        return float(torch.stack(heads).all(0).double().mean())
+        slot = scenes["slot"] if which == "edited" else 1 - scenes["slot"]
+        return float(object_correct(result, scenes["target"], slot).double().mean())
     return {"all": float(ok["all"].double().mean()), "edited": slot_ok(ok, "edited"), "kept": slot_ok(ok, "kept"),
             "ceiling_all": float(ideal["all"].double().mean()), "ceiling_edited": slot_ok(ideal, "edited"),
             "ceiling_kept": slot_ok(ideal, "kept"),
-            **preservation(out, scenes["images"], round_trip, scenes["mask"]), "n": n, "images": out}
+            **preservation(out, scenes["images"], floor, scenes["mask"]), "n": n, "images": out}
 
 
 @torch.no_grad()

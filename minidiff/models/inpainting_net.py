@@ -16,6 +16,7 @@ max-pooled mask rule both hide the same cells, and it spares one autoencoder pas
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -48,17 +49,18 @@ class InpaintingNet(TextConditionedNet):
 
 
 def widen_for_inpainting(net: TextConditionedNet) -> InpaintingNet:
-    """An ``InpaintingNet`` holding ``net``'s weights, its first conv widened by zero-initialised input channels."""
+    """An ``InpaintingNet`` with a copy of ``net``'s weights (device and dtype kept), its first conv widened by
+    zero-initialised input channels; ``net`` itself is left unchanged."""
     config = net.unet.config
     if config.in_channels != config.out_channels:
         raise ValueError(f"net must be a text model with in_channels == out_channels, got {config.in_channels} and "
                          f"{config.out_channels} (already widened?)")
-    unet = UNet(replace(config, in_channels=config.in_channels + 1 + config.out_channels))
     state = net.unet.state_dict()
     w = state["conv_in.weight"]  # (C0, 4, 3, 3)
+    unet = UNet(replace(config, in_channels=config.in_channels + 1 + config.out_channels)).to(w.device, w.dtype)
     state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 1 + config.out_channels, *w.shape[2:])], dim=1)
     unet.load_state_dict(state)
-    return InpaintingNet(unet, net.text_encoder)
+    return InpaintingNet(unet, copy.deepcopy(net.text_encoder))
 
 
 def random_latent_masks(batch_size: int, size: tuple[int, int], *, generator: torch.Generator | None = None,

@@ -30,8 +30,8 @@ from minidiff.samplers import get_sampler, sample_repaint
 from minidiff.schedules import sampling_sigmas
 from minidiff.utils import check_generator, randn
 
-__all__ = ["check_images", "match_batch", "encode_images", "image_to_image_latents", "inpaint_latents", "outpaint_canvas",
-           "pixel_to_latent_mask"]
+__all__ = ["check_images", "match_batch", "encode_images", "image_to_image_latents", "inpaint_latents",
+           "outpaint_canvas", "pixel_to_latent_mask"]
 
 
 def check_images(images, vae) -> torch.Tensor:
@@ -40,7 +40,8 @@ def check_images(images, vae) -> torch.Tensor:
         raise ValueError(f"images must be a float tensor (B, 3, H, W) in [-1, 1], got "
                          f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.ndim == 3:
-        images = images[None]
+        raise ValueError(f"images must have a batch axis, (B, 3, H, W); for one image use images[None], got "
+                         f"{tuple(images.shape)}")
     f = vae.factor
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
         raise ValueError(f"images must have shape (B, 3, H, W) with H and W multiples of {f}, got "
@@ -65,9 +66,12 @@ def match_batch(prompts, images: torch.Tensor) -> torch.Tensor:
 
 
 def _match_prompts(prompts, negative_prompt, n: int):
+    prompts = check_prompts(prompts)[0]
+    if len(prompts) == 1 and n > 1:  # one prompt for every image; then a negative prompt per image is fine
+        prompts = prompts * n
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) == 1:
+            negative_prompt = list(negative_prompt) * n
     prompts, negative = check_prompts(prompts, negative_prompt)
-    if len(prompts) == 1 and n > 1:
-        prompts, negative = prompts * n, (negative * n if negative and len(negative) == 1 else negative)
     if len(prompts) != n:
         raise ValueError(f"prompts must be one str or one per image ({n}), got {len(prompts)}")
     return prompts, negative

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minidiff.data.latents import cached_latents
 from minidiff.data.shapes import HELD_OUT, ShapesDataset, caption, held_out_mask
 from minidiff.denoiser import Denoiser
-from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info
+from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_metadata
 from minidiff.guidance import caption_dropout
 from minidiff.losses import diffusion_loss
 from minidiff.models.clip import evaluate_clip, load_clip, save_clip, train_clip
@@ -36,7 +36,8 @@ from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, 
 from minidiff.models.unet import PRESETS, unet_from_preset
 from minidiff.pipelines.text_to_image import text_to_image_latents
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
-from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, load_text_model, save_checkpoint
+from minidiff.training.checkpoint import (TEXT_MODEL_FORMAT, checkpoint_config, load_checkpoint, load_text_model,
+                                          save_checkpoint)
 from minidiff.training.rundir import acquire_lock, check_out_dir
 from minidiff.training.steps import EMA, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
@@ -87,6 +88,12 @@ class TextTrainConfig:
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
         replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
+        if self.init is not None:  # the same: a wrong init file fails before the latents are made
+            if not Path(self.init).is_file():
+                raise ValueError(f"init must be a text model file (save_text_model's, e.g. "
+                                 f"minidiff/weights/shapes64-text.safetensors), got {self.init!r}: no such file")
+            if read_metadata(self.init).get("format") != TEXT_MODEL_FORMAT:
+                raise ValueError(f"init {self.init!r} is not a text model file (format {TEXT_MODEL_FORMAT})")
 
 
 def shapes64_text_latents(vae, *, n: int = 40_000, seed: int = 4, cache_dir=None, progress: bool = True):

@@ -91,6 +91,10 @@ def export_inpainting_model(run_dir, path, *, vae_name: str = "shapes64-vae", n_
     the model (with and without pasting z0 back outside the mask) and for training-free inpainting with its
     base text model (DPM-Solver++, DDPM, RePaint), on the same scenes and seeds; and the base model's
     image-to-image strength curve on the recolor problem."""
+    train = checkpoint_config(Path(run_dir) / "checkpoint.safetensors")["train"]
+    if not train.get("inpainting") or not train.get("init"):
+        raise ValueError(f"{run_dir} is not an inpainting fine-tune (trained with --inpainting --init MODEL); "
+                         f"export a text model with `export` instead")
     denoiser, saved = ema_denoiser(run_dir)
     save_text_model(path, denoiser)
     vae = load(vae_name)
