@@ -365,3 +365,20 @@ def test_repaint_from_zero_terminal_snr_is_finite():
     x = sample_repaint(denoiser, torch.randn(2, 3, 4, 4, generator=_gen(1)),
                        torch.tensor([float("inf"), 3.0, 0.5, 0.0]), generator=_gen(2), jumps=3)
     assert torch.isfinite(x).all()
+
+
+def test_shipped_inpainting_model_keeps_the_outside_and_matches_its_base(scenes, round_trip):
+    import json
+
+    from minidiff.files import WEIGHTS_DIR
+    inp = pretrained.load_pipeline("shapes64-inpaint")
+    card = pretrained.model_card("shapes64-inpaint")
+    text_card = json.loads((WEIGHTS_DIR / "shapes64-text.json").read_text())
+    assert inp.is_inpainting_model and card["base_model"]["sha256"] == text_card["sha256"]  # fine-tuned from the shipped
+    images, prompts = scenes
+    mask = _box_mask()
+    out = inp.inpaint(prompts, images, mask, generator=_gen(2), **KW)
+    keep = (mask == 0).expand_as(out)
+    err, floor = (out - images).abs()[keep].mean().item(), (round_trip - images).abs()[keep].mean().item()
+    assert err <= floor + 0.01, (err, floor)
+    assert (out - round_trip).abs()[(mask == 1).expand_as(out)].mean() > 0.02
