@@ -26,6 +26,7 @@ from minidiff.models.unet import UNet
 from minidiff.utils import rand
 
 __all__ = ["InpaintingNet", "widen_for_inpainting", "masked_latents", "random_latent_masks", "inpainting_condition",
+           "everything_masked",
            "EXTRA_CHANNELS"]
 
 EXTRA_CHANNELS = 5  # mask (1) + masked latent (4 for a 4-channel latent)
@@ -89,4 +90,10 @@ def random_latent_masks(batch_size: int, size: tuple[int, int], *, generator: to
 def inpainting_condition(z0: torch.Tensor, mask: torch.Tensor) -> dict:
     """The extra keywords an ``InpaintingNet`` takes for inputs z0 (B, C, h, w) and latent mask (B, 1, h, w)."""
     return {"mask": mask, "masked_latents": masked_latents(z0, mask)}
+
+
+def everything_masked(n: int, latent_shape, device=None) -> dict:
+    """``inpainting_condition`` with the whole latent masked: text-to-image (what 10% of the fine-tune saw)."""
+    C, h, w = latent_shape
+    return inpainting_condition(torch.zeros(n, C, h, w, device=device), torch.ones(n, 1, h, w, device=device))
 

@@ -100,10 +100,6 @@ def image_to_image_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, *, st
     return get_sampler(sampler)(guided, x, tail, extra_args=cond, generator=generator, progress=progress)
 
 
-def _inner_net(denoiser: nn.Module) -> nn.Module:
-    return getattr(denoiser, "net", None)
-
-
 @torch.no_grad()
 def inpaint_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, mask: torch.Tensor, *, jumps: int = 1,
                     keep_unmasked: bool = True, negative_prompt=None, guidance: float = 5.0,
@@ -118,7 +114,7 @@ def inpaint_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, mask: torch.
     _check_options(guidance, sampler, steps, spacing)
     check_generator(generator)
     prompts, negative = _match_prompts(prompts, negative_prompt, len(z0))
-    dedicated = isinstance(_inner_net(denoiser), InpaintingNet)
+    dedicated = isinstance(getattr(denoiser, "net", None), InpaintingNet)
     noise = randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)  # the prior draw
     mask = mask.to(z0)
     model = denoiser if dedicated else InpaintDenoiser(denoiser, z0, mask, noise)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minidiff.models.inpainting_net import InpaintingNet, inpainting_condition
+from minidiff.models.inpainting_net import InpaintingNet, everything_masked
 from minidiff.pipelines.editing import (check_images, encode_images, image_to_image_latents, inpaint_latents,
                                         match_batch, outpaint_canvas, pixel_to_latent_mask)
 from minidiff.pipelines.text_to_image import check_prompts, text_to_image_latents
@@ -76,9 +76,7 @@ class TextToImagePipeline:
         """An inpainting model asked for text-to-image: the whole latent masked (what 10% of its training saw)."""
         if not self.is_inpainting_model:
             return None
-        C, h, w = self.denoiser.image_shape
-        device = next(self.denoiser.parameters()).device
-        return inpainting_condition(torch.zeros(n, C, h, w, device=device), torch.ones(n, 1, h, w, device=device))
+        return everything_masked(n, self.denoiser.image_shape, next(self.denoiser.parameters()).device)
 
     @staticmethod
     def _check_output(output: str) -> None:

@@ -31,7 +31,8 @@ from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_metadat
 from minidiff.guidance import caption_dropout
 from minidiff.losses import diffusion_loss
 from minidiff.models.clip import evaluate_clip, load_clip, save_clip, train_clip
-from minidiff.models.inpainting_net import inpainting_condition, random_latent_masks, widen_for_inpainting
+from minidiff.models.inpainting_net import (everything_masked, inpainting_condition, random_latent_masks,
+                                            widen_for_inpainting)
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
 from minidiff.models.unet import PRESETS, unet_from_preset
 from minidiff.pipelines.text_to_image import text_to_image_latents
@@ -137,8 +138,7 @@ def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, d
     """A PNG with one row per prompt (fixed seed), CFG at ``config.sample_guidance``."""
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     denoiser = Denoiser(net, alphas_cumprod, config.prediction, image_shape=(4, 16, 16))
-    full = torch.ones(len(prompts), 1, 16, 16)  # an inpainting model with everything masked is text-to-image
-    image_cond = inpainting_condition(torch.zeros(len(prompts), 4, 16, 16), full) if config.inpainting else None
+    image_cond = everything_masked(len(prompts), (4, 16, 16)) if config.inpainting else None
     z = text_to_image_latents(denoiser, net.text_encoder.tokenizer, prompts, guidance=config.sample_guidance,
                               steps=20, generator=torch.Generator().manual_seed(config.seed), progress=False,
                               image_cond=image_cond)
