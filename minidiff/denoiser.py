@@ -1,4 +1,4 @@
-"""The one denoiser contract, the table of parameterizations (eps / x0 / v), and conversions between them.
+"""The one denoiser contract, the table of parameterizations (eps / x0 / v / flow), and conversions between them.
 
 Contract (docs/DESIGN.md): ``denoiser(x, sigma, **cond) -> x0_hat`` where ``x`` is the VP state
 x_t = a x_0 + b eps and ``sigma`` (B,) the VE noise level, with (a, b) = vp_coefficients(sigma).
@@ -13,8 +13,11 @@ x_t = a x_0 + b eps and ``sigma`` (B,) the VE noise level, with (a, b) = vp_coef
 | SNR = a^2 / b^2              | ``snr``        | signal-to-noise ratio 1 / sigma^2                             |
 | F                            | ``out``        | the raw network output                                        |
 | c_skip, c_out                | ``c_skip, c_out`` | x0_hat = c_skip x_t + c_out F (Karras et al. 2022, Eq. 7)  |
+| c_in                         | ``c_in``       | the net sees c_in x_t (1 except for flow: 1 / (a + b))        |
+| u = eps - x_0                | ``flow``       | velocity of the straight path (1 - t) x0 + t eps (Lipman 2023)|
 
-Every parameterization is one row of ``PARAMETERIZATIONS``: its (c_skip, c_out) and its regression target.
+Every parameterization is one row of ``PARAMETERIZATIONS``: its (c_skip, c_out), its input scale c_in and its
+regression target.
 The Denoiser, the loss (``minidiff.losses``) and min-SNR weighting all read the table; none branches on the name.
 Training on the target makes x0_hat = c_skip x_t + c_out F exact: target = (x0 - c_skip x_t) / c_out.
 
@@ -45,16 +48,17 @@ _EPS_AT_ZERO_SNR = ("eps-prediction is undefined at zero SNR (sigma = inf, alpha
 
 @dataclass(frozen=True)
 class Parameterization:
-    """What a network predicts, as two functions of (a, b) = vp_coefficients(sigma) (EDM's preconditioning).
+    """What a network predicts, as functions of (a, b) = vp_coefficients(sigma) (EDM's preconditioning, Eq. 7).
 
-    ``coefficients(a, b) -> (c_skip, c_out)`` with x0_hat = c_skip x_t + c_out F, and
-    ``target(x0, eps, a, b)``, the regression target of F.
+    ``coefficients(a, b) -> (c_skip, c_out)`` with x0_hat = c_skip x_t + c_out F(c_in x_t),
+    ``target(x0, eps, a, b)``, the regression target of F, and ``c_in(a, b)``, the scale of the net's input.
     """
 
     name: str
     coefficients: Callable
     target: Callable
     zero_snr_ok: bool  # False where c_skip = 1 / a is infinite at sigma = inf
+    c_in: Callable = lambda a, b: torch.ones_like(a)
 
 
 # One row per parameterization; x_t = a x0 + b eps.
@@ -65,6 +69,10 @@ PARAMETERIZATIONS = {
     "x0": Parameterization("x0", lambda a, b: (0 * a, 1 + 0 * a), lambda x0, eps, a, b: x0, zero_snr_ok=True),
     # v = a eps - b x0, x0 = a x_t - b v (Salimans & Ho 2022, Sec. 4)
     "v": Parameterization("v", lambda a, b: (a, -b), lambda x0, eps, a, b: a * eps - b * x0, zero_snr_ok=True),
+    # flow: the straight path x = (1 - t) x0 + t eps = x_t / (a + b) with t = b / (a + b); the net sees it and
+    # predicts the velocity u = dx/dt = eps - x0; x0 = x - t u (Lipman et al. 2023, Eq. 23; Liu et al. 2023, Eq. 1)
+    "flow": Parameterization("flow", lambda a, b: (1 / (a + b), -b / (a + b)), lambda x0, eps, a, b: eps - x0,
+                             zero_snr_ok=True, c_in=lambda a, b: 1 / (a + b)),
 }
 PREDICTIONS = tuple(PARAMETERIZATIONS)
 
@@ -167,10 +175,11 @@ class Denoiser(nn.Module):
         raise ValueError("null_condition: this net is unconditional, so it has no null condition (and needs no CFG)")
 
     def predict(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        """The raw network output (eps, x0 or v) at noise level sigma (B,)."""
+        """The raw network output (eps, x0, v or the flow velocity) at noise level sigma (B,), given c_in x."""
         sigma = check_sigma(x, sigma)
         t = sigma_to_t(sigma, self.alphas_cumprod).to(x.dtype)  # float (B,)
-        return self.net(x, t, **cond)
+        c_in = self.parameterization.c_in(*_coeffs(x, sigma))
+        return self.net(c_in * x, t, **cond)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """x0_hat = D(x, sigma, **cond), converted from the net's parameterization."""

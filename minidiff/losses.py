@@ -21,7 +21,8 @@ __all__ = ["training_target", "min_snr_weights", "diffusion_loss"]
 
 
 def training_target(x0: torch.Tensor, eps: torch.Tensor, sigma, prediction: str) -> torch.Tensor:
-    """Regression target for the net: eps (Ho et al. 2020, Eq. 14), x0, or v (Salimans & Ho 2022), from the table."""
+    """Regression target for the net: eps (Ho et al. 2020, Eq. 14), x0, v (Salimans & Ho 2022) or the flow velocity
+    eps - x0 (Lipman et al. 2023, Eq. 23), from the table."""
     row = get_parameterization(prediction)
     sqrt_ab, sqrt_1m_ab = vp_coefficients(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device))
     return row.target(x0, eps, append_dims(sqrt_ab, x0.ndim), append_dims(sqrt_1m_ab, x0.ndim))
@@ -64,7 +65,8 @@ def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tenso
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(x0, t, noise, ab)
     sigma = sigmas_from_alphas_cumprod(ab)[t.cpu()].to(x0)  # (B,)
-    out = net(x_t, t.to(x0.dtype), **cond)
+    a, b = (append_dims(c, x0.ndim) for c in vp_coefficients(sigma))
+    out = net(row.c_in(a, b) * x_t, t.to(x0.dtype), **cond)  # c_in = 1 except for flow (Karras et al. 2022, Eq. 7)
     target = training_target(x0, noise, sigma, prediction)
     if out.shape != target.shape:
         raise ValueError(f"net output must have the shape of x0 {tuple(x0.shape)}, got {tuple(out.shape)}")

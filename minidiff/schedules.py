@@ -18,7 +18,7 @@ import math
 import torch
 
 __all__ = [
-    "linear_betas", "scaled_linear_betas", "cosine_betas", "sigmoid_betas", "SCHEDULES", "make_betas",
+    "linear_betas", "scaled_linear_betas", "cosine_betas", "sigmoid_betas", "straight_betas", "SCHEDULES", "make_betas",
     "alphas_cumprod_from_betas", "betas_from_alphas_cumprod", "rescale_zero_terminal_snr",
     "sigmas_from_alphas_cumprod", "alphas_cumprod_from_sigmas", "snr", "log_snr", "vp_coefficients",
     "karras_sigmas", "SPACINGS", "timesteps", "sigmas_for_timesteps", "sigma_to_t", "SAMPLING_SPACINGS",
@@ -96,11 +96,27 @@ def sigmoid_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.0
     return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=F64))
 
 
+def straight_betas(T: int = 1000) -> torch.Tensor:
+    """The straight path x = (1 - t) x0 + t eps of flow matching (Lipman et al. 2023, Eq. 20 with sigma_min = 0;
+    rectified flow, Liu et al. 2023, Eq. 1) as a VP table, with t_k = (k + 1) / T.
+
+    Its VP state is x_t = x / ((1 - t) + t) scaled to unit norm: a = (1 - t) / r, b = t / r with
+    r = sqrt((1 - t)^2 + t^2), so alpha_bar_k = (1 - t_k)^2 / ((1 - t_k)^2 + t_k^2), sigma_k = t_k / (1 - t_k).
+    The last entry is pure noise (t = 1, alpha_bar = 0: zero terminal SNR), so eps-prediction cannot use it.
+    """
+    _check_T(T)
+    t = torch.arange(1, T + 1, dtype=F64) / T
+    ab = (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+    ab[-1] = 0.0  # exact: t = 1
+    return betas_from_alphas_cumprod(ab)
+
+
 SCHEDULES = {
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
+    "straight": straight_betas,
 }
 
 

@@ -84,7 +84,7 @@ def test_denoiser_attributes_and_validation():
     assert D.prediction == "x0" and D.alphas_cumprod.dtype == F64
     assert D.sigma_min == pytest.approx(S.sigmas_from_alphas_cumprod(AB)[0].item())
     assert Denoiser(net, ABZ, "v").sigma_max == INF
-    with pytest.raises(ValueError, match=r"prediction must be one of \('eps', 'x0', 'v'\), got 'epsilon'"):
+    with pytest.raises(ValueError, match=r"prediction must be one of \('eps', 'x0', 'v', 'flow'\), got 'epsilon'"):
         Denoiser(net, AB, "epsilon")
 
 
