@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from minidiff.schedules import vp_coefficients
 from minidiff.utils import append_dims
 
-__all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "gaussian_pf_ode_endpoint", "sliced_wasserstein"]
+__all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "gaussian_pf_ode_endpoint", "sliced_wasserstein",
+           "ToyMLP"]
 
 F64 = torch.float64
 
@@ -165,3 +167,26 @@ def sliced_wasserstein(u: torch.Tensor, v: torch.Tensor, *, n_projections: int =
     q = (torch.arange(max(len(u), len(v)), dtype=F64) + 0.5) / max(len(u), len(v))
     iu, iv = (q * len(u)).long(), (q * len(v)).long()
     return (pu[:, iu] - pv[:, iv]).abs().mean()
+
+
+class ToyMLP(nn.Module):
+    """A small MLP ``net(x, t) -> tensor like x`` for 2-D toy data, the U-Net's contract on vectors (B, D).
+
+    t (B,) in [0, T) enters as sin/cos features at ``frequencies`` octaves (Vaswani et al. 2017's embedding,
+    the U-Net's ``timestep_embedding`` in miniature), concatenated with x.
+    """
+
+    def __init__(self, dim: int = 2, T: int = 1000, hidden: int = 128, frequencies: int = 8):
+        super().__init__()
+        if dim < 1 or T < 1 or hidden < 1 or frequencies < 1:
+            raise ValueError(f"dim, T, hidden and frequencies must be >= 1, got {dim}, {T}, {hidden}, {frequencies}")
+        self.T, self.frequencies = T, frequencies
+        self.net = nn.Sequential(nn.Linear(dim + 2 * frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or t.shape != (x.shape[0],):
+            raise ValueError(f"ToyMLP takes x (B, D) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}")
+        octaves = 2.0 ** torch.arange(self.frequencies, dtype=x.dtype, device=x.device)
+        phase = (t.to(x.dtype) / self.T)[:, None] * octaves[None] * math.pi
+        return self.net(torch.cat([x, phase.sin(), phase.cos()], dim=1))

@@ -158,3 +158,25 @@ def test_velocity_and_straight_path_errors():
         flow.straight_path(x, x, 2.0)
     s = torch.tensor([1.0, 1.0])  # t = 0.5: from the flow point 1 to x0_hat = 0 in half a unit of time, u = 2
     torch.testing.assert_close(flow.velocity(flow.from_flow(x + 1, s), x, s), torch.full((2, 3), 2.0))
+
+
+def test_toy_mlp_learns_the_ring_with_flow_matching():
+    """The lecture 11 toy: a few hundred flow-matching steps must beat returning noise by a wide margin."""
+    from minidiff.toy import ToyMLP, ring_mixture, sliced_wasserstein
+
+    gm, ab, g = ring_mixture(), _straight(1000), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = ToyMLP()
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    for _ in range(400):
+        loss = diffusion_loss(net, gm.sample(256, generator=g), ab, "flow", generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = Denoiser(net, ab, "flow").eval()
+    data, z = gm.sample(1000, generator=g), torch.randn(1000, 2, generator=g)
+    out = flow.sample_flow_euler(d, z, S.sampling_sigmas(ab, 16, "trailing"))
+    sw = lambda a: float(sliced_wasserstein(a, data, generator=torch.Generator().manual_seed(0)))
+    assert sw(out) < 0.4 * sw(z), (sw(out), sw(z))  # measured 0.16 vs 0.49 for the noise itself
+    with pytest.raises(ValueError, match="ToyMLP takes x"):
+        net(torch.zeros(2, 2, 2), torch.zeros(2))
