@@ -151,20 +151,23 @@ def _train_main(argv) -> None:
     config = config_from_args(args)
     out = Path(args.out)
     check_out_dir(out)  # before anything is printed, loaded or built
+    from minidiff.training import distributed
+
+    say = print if distributed.is_main() else (lambda *a, **k: None)  # under torchrun only rank 0 speaks and exports
     if args.resume:
         ckpt = out / "checkpoint.safetensors"
-        print(f"resuming {ckpt}" if ckpt.exists() else f"--resume: no checkpoint at {ckpt}, starting from step 0")
-    print(f"training {config.preset} on {config.dataset} for {config.steps} steps -> {out}/")
-    print(f"  checkpoint: {out / 'checkpoint.safetensors'} (every {config.ckpt_every} steps)")
-    print(f"  samples:    {out / 'samples'}/step_*.png (every {config.sample_every} steps)")
+        say(f"resuming {ckpt}" if ckpt.exists() else f"--resume: no checkpoint at {ckpt}, starting from step 0")
+    say(f"training {config.preset} on {config.dataset} for {config.steps} steps -> {out}/")
+    say(f"  checkpoint: {out / 'checkpoint.safetensors'} (every {config.ckpt_every} steps)")
+    say(f"  samples:    {out / 'samples'}/step_*.png (every {config.sample_every} steps)")
     command = "python -m minidiff.train " + shlex.join(argv)
     result = train(config, out, resume=args.resume, device=args.device, progress=not args.no_progress,
                    command=command)
     losses = result["history"]["loss"]
-    print(f"done: step {result['step']}, mean loss of the last 100 steps {sum(losses[-100:]) / max(1, len(losses[-100:])):.4f}")
-    if args.export:
+    say(f"done: step {result['step']}, mean loss of the last 100 steps {sum(losses[-100:]) / max(1, len(losses[-100:])):.4f}")
+    if args.export and distributed.is_main():
         path = export_run(out, args.export, dtype=args.export_dtype)
-        print(f"exported {path} and model card {path.with_suffix('.json')}")
+        say(f"exported {path} and model card {path.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

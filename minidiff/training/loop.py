@@ -1,7 +1,9 @@
 """The training loop behind ``python -m minidiff.train``: config, setup, resume, samples, checkpoints.
 
 It is the loop of ``minidiff.training.steps`` (which a student reads in one screen) plus what a long run needs:
-a validation loss at fixed (t, noise), a sample grid and a checkpoint every N steps, bit-exact resume.
+a validation loss at fixed (t, noise), a sample grid and a checkpoint every N steps, bit-exact resume. Under torchrun
+it trains data-parallel (``minidiff.training.distributed``): every rank trains on its part of the global batch,
+rank 0 alone validates, logs and writes files.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from minidiff.guidance import CFGDenoiser
 from minidiff.models.unet import PRESETS, unet_from_preset
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import SCHEDULES, alphas_cumprod_from_betas, make_betas, sampling_sigmas
+from minidiff.training import distributed
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from minidiff.training.rundir import RunLockedError, acquire_lock, check_out_dir
 from minidiff.training.steps import EMA, make_optimizer, train_step, validation_loss
@@ -211,22 +214,34 @@ def _start(config: TrainConfig, data, device, out_dir: Path, resume: bool, comma
     run = _setup(config, data, device)
     if resume and (out_dir / "checkpoint.safetensors").exists():
         _resume(out_dir / "checkpoint.safetensors", config, run)
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"]})
+    if distributed.is_main():
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    n = distributed.world_size()
+    run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"],
+                            **({"world_size": n} if n > 1 else {})})
+    run["model"], run["part"] = distributed.wrap(run["net"], device), distributed.batch_part(config.batch_size)
     run["t_start"] = run["t_window"] = time.perf_counter()
     return run
 
 
 def _batch(data, config: TrainConfig, run: dict):
-    """A random batch (x0, labels or None), indices drawn from the run's data generator."""
+    """This rank's part of a random global batch: (x0, labels or None, t, eps), label dropout applied. Indices come
+    from the data generator, dropout, t and eps from the noise generator, drawn for the global batch on every rank."""
     idx = torch.randint(len(data.images), (config.batch_size,), generator=run["generators"]["data"])
-    x0 = data.images[idx].to(run["device"], memory_format=run["memory_format"])
-    return x0, (data.labels[idx].to(run["device"]) if config.conditional else None)
+    x0 = data.images[idx[run["part"]]].to(run["device"], memory_format=run["memory_format"])
+    labels = data.labels[idx].to(run["device"]) if config.conditional else None
+    labels, t, noise = distributed.step_noise(
+        labels, (config.batch_size, *x0.shape[1:]), T=len(run["alphas_cumprod"]), p_uncond=config.p_uncond,
+        null_id=len(data.class_names), generator=run["generators"]["noise"], part=run["part"], device=x0.device,
+        dtype=x0.dtype)
+    return x0, labels, t, noise
 
 
 def _after_step(done: int, config: TrainConfig, run: dict, out_dir: Path, bar, image_shape, decode) -> None:
-    """Every 10 steps show loss and img/s; every sample_every/ckpt_every steps (and at the end) save."""
+    """Every 10 steps show loss and img/s; every sample_every/ckpt_every steps (and at the end) save. Rank 0 only."""
+    if not distributed.is_main():
+        return
     last = done == config.steps
     if done % 10 == 0 or last:
         n_steps = done - max(run["start"], (done - 1) // 10 * 10)  # steps since the last update
@@ -249,8 +264,9 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, da
 
     Returns {"net", "ema", "ema_net", "optimizer", "scheduler", "alphas_cumprod", "history", "step"};
     ``history["loss"][i]`` is the loss of step i; ``history["val_loss"]`` the validation loss at the steps in
-    ``history["val_step"]``. ``data`` (anything with ``.images``, ``.labels``, ``.class_names``) replaces
-    ``load_dataset(config.dataset)``; ``val_data`` the images of the validation loss (see ``_validation_set``).
+    ``history["val_step"]`` (under torchrun, rank 0's only: it alone validates). ``data`` (anything with ``.images``,
+    ``.labels``, ``.class_names``) replaces ``load_dataset(config.dataset)``; ``val_data`` the images of the
+    validation loss (see ``_validation_set``).
     A latent model gets its latents as ``data`` and its autoencoder's ``decode_latents`` as ``decode`` (for the
     sample grids), as ``minidiff.training.latent`` does.
     """
@@ -258,12 +274,18 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, device=None, da
         raise ValueError(f"dataset {config.dataset!r} is made of an autoencoder's latents: pass them as data= "
                          f"(see minidiff.training.latent), or choose one of {DATASETS}")
     device = device if isinstance(device, torch.device) else get_device(device)
-    check_out_dir(Path(out_dir))
-    lock = acquire_lock(Path(out_dir))
+    distributed.batch_part(config.batch_size)  # under torchrun: raises now if the ranks cannot split the batch
+    device = distributed.start(device)  # under torchrun: join the process group, take this rank's device
+    lock = None
+    if distributed.is_main():  # under torchrun, rank 0 alone writes the run folder
+        check_out_dir(Path(out_dir))
+        lock = acquire_lock(Path(out_dir))
     try:
-        return _train(config, Path(out_dir), resume, device, data, val_data, progress, command, decode)
+        return _train(config, Path(out_dir), resume, device, data, val_data, progress and distributed.is_main(),
+                      command, decode)
     finally:
-        lock.unlink(missing_ok=True)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
 def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, progress, command, decode) -> dict:
@@ -275,16 +297,19 @@ def _train(config: TrainConfig, out_dir: Path, resume, device, data, val_data, p
     autocast = torch.bfloat16 if device.type == "cuda" else None
     bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
     for step in bar:
-        x0, labels = _batch(data, config, run)
-        out = train_step(run["net"], x0, alphas_cumprod=run["alphas_cumprod"], prediction=config.prediction,
+        distributed.seed_step(config.seed, step)  # several processes: dropout masks per rank, the same after resume
+        x0, labels, t, noise = _batch(data, config, run)
+        out = train_step(run["model"], x0, alphas_cumprod=run["alphas_cumprod"], prediction=config.prediction,
                          optimizer=run["optimizer"], scheduler=run["scheduler"], class_labels=labels,
-                         p_uncond=config.p_uncond, null_id=len(data.class_names), step=step,
+                         t=t, noise=noise, step=step,  # _batch drew the step's randomness (and dropped labels)
                          min_snr_gamma=config.min_snr_gamma, max_grad_norm=config.max_grad_norm,
-                         generator=run["generators"]["noise"], autocast_dtype=autocast)
-        run["ema"].update(run["net"])
+                         autocast_dtype=autocast)
+        out["loss"] = distributed.mean_over_ranks(out["loss"], device)  # the global batch's loss
+        run["ema"].update(run["net"])  # DDP keeps run["net"] equal on every rank, and so the EMA
         for key, value in out.items():
             run["history"][key].append(value)
         _after_step(step + 1, config, run, Path(out_dir), bar, tuple(data.images.shape[1:]), decode)
     bar.close()
+    distributed.barrier()  # every rank returns once rank 0 has written the last checkpoint and grid
     return {**{k: run[k] for k in ("net", "ema", "optimizer", "scheduler", "alphas_cumprod", "history")},
             "ema_net": _ema_net(run), "step": max(run["start"], config.steps)}

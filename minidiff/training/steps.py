@@ -117,8 +117,9 @@ def _check_finite_step(value: torch.Tensor, what: str, step, optimizer) -> None:
 def train_step(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor, prediction: str, optimizer,
                scheduler=None, class_labels=None, p_uncond: float = 0.0, null_id: int | None = None,
                min_snr_gamma: float | None = None, max_grad_norm: float | None = 1.0, generator=None,
-               autocast_dtype=None, step: int | None = None) -> dict:
-    """One optimisation step on the denoising loss (Ho et al. 2020, Alg. 1) -> {"loss", "grad_norm"}."""
+               autocast_dtype=None, step: int | None = None, t=None, noise=None) -> dict:
+    """One optimisation step on the denoising loss (Ho et al. 2020, Alg. 1) -> {"loss", "grad_norm"}; t and eps
+    are drawn from ``generator`` unless given (``training.distributed`` gives each rank its part of one draw)."""
     cond = {}
     if class_labels is not None:
         if p_uncond > 0:
@@ -126,7 +127,7 @@ def train_step(net: nn.Module, x0: torch.Tensor, *, alphas_cumprod: torch.Tensor
         cond["class_labels"] = class_labels
     net.train()
     with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = diffusion_loss(net, x0, alphas_cumprod, prediction, generator=generator,
+        loss = diffusion_loss(net, x0, alphas_cumprod, prediction, t=t, noise=noise, generator=generator,
                               min_snr_gamma=min_snr_gamma, **cond)
     _check_finite_step(loss.detach(), "loss", step, optimizer)
     optimizer.zero_grad(set_to_none=True)
