@@ -156,13 +156,32 @@ def guided_class_accuracy(denoiser, classifier) -> float:
     return class_accuracy(classifier, images, labels)
 
 
-def test_shipped_conditional_model_draws_the_class_it_is_asked_for(classifier):
+CLASS_MODELS = ["fashion-mnist-cond", "fashion-mnist-cond-fm"]  # the diffusion model and its flow-matching twin
+
+
+@pytest.mark.parametrize("name", CLASS_MODELS)
+def test_shipped_conditional_model_draws_the_class_it_is_asked_for(classifier, name):
     """The shipped classifier recognises the requested class in at least 70% of 40 guided samples (4 per class):
     clipped noise, blobs, or good garments of the wrong class all score near chance (10%) instead."""
-    denoiser = pretrained.load("fashion-mnist-cond")
+    denoiser = pretrained.load(name)
     assert denoiser.num_classes == 10
     accuracy = guided_class_accuracy(denoiser, classifier)
-    assert accuracy >= FLOOR, f"class accuracy {accuracy:.3f} < {FLOOR} (model card: 0.965 at n = 200)"
+    assert accuracy >= FLOOR, f"{name}: class accuracy {accuracy:.3f} < {FLOOR} (its card: >= 0.96 at n = 200)"
+
+
+def test_shipped_flow_model_is_flow_matching_on_the_straight_path():
+    """fashion-mnist-cond-fm predicts the velocity on the straight path, and its card says it was trained with the
+    diffusion model's recipe apart from those two settings."""
+    fm = pretrained.load("fashion-mnist-cond-fm")
+    assert fm.prediction == "flow" and fm.alphas_cumprod[-1] == 0
+    assert torch.allclose(fm.alphas_cumprod, alphas_cumprod_from_betas(make_betas("straight", 1000)))
+    fm_card, dm_card = pretrained.model_card("fashion-mnist-cond-fm"), pretrained.model_card("fashion-mnist-cond")
+    differ = {k for k in dm_card["config"] if fm_card["config"].get(k) != dm_card["config"][k]}
+    assert differ <= {"prediction", "schedule", "val_every", "val_size"}, differ
+    # the same U-Net (the newer card also records zero_init, a field added after the diffusion model was trained)
+    assert {k: fm_card["unet"][k] for k in dm_card["unet"]} == dm_card["unet"] and fm_card["steps"] == dm_card["steps"]
+    rows = fm_card["flow_vs_diffusion"]["rows"]
+    assert {r["model"] for r in rows} == set(CLASS_MODELS) and {r["nfe"] for r in rows} == {5, 10, 20, 50}
 
 
 def _zero_all_weights(net):
@@ -174,12 +193,13 @@ def _zero_class_embedding(net):
     net.class_emb.weight.zero_()  # every class, and the null class, look alike: an unconditional model, CFG a no-op
 
 
+@pytest.mark.parametrize("name", CLASS_MODELS)
 @pytest.mark.parametrize("breakage", [_zero_all_weights, _zero_class_embedding], ids=["zeroed", "labels-ignored"])
-def test_quality_floor_fails_a_broken_model(classifier, breakage):
+def test_quality_floor_fails_a_broken_model(classifier, breakage, name):
     """The floor can fail: the same metric on the shipped model with its weights zeroed (it then samples clipped
     noise, which still has the right shape and range) or with its class embedding zeroed (images with no class)
     falls below it."""
-    denoiser = pretrained.load("fashion-mnist-cond")
+    denoiser = pretrained.load(name)
     with torch.no_grad():
         breakage(denoiser.net)
     accuracy = guided_class_accuracy(denoiser, classifier)
