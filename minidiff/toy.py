@@ -25,7 +25,7 @@ from minidiff.schedules import vp_coefficients
 from minidiff.utils import append_dims
 
 __all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "gaussian_pf_ode_endpoint", "sliced_wasserstein",
-           "ToyMLP"]
+           "ToyMLP", "fit_toy"]
 
 F64 = torch.float64
 
@@ -190,3 +190,21 @@ class ToyMLP(nn.Module):
         octaves = 2.0 ** torch.arange(self.frequencies, dtype=x.dtype, device=x.device)
         phase = (t.to(x.dtype) / self.T)[:, None] * octaves[None] * math.pi
         return self.net(torch.cat([x, phase.sin(), phase.cos()], dim=1))
+
+
+def fit_toy(net: nn.Module, mixture: GaussianMixture, alphas_cumprod, prediction: str, *, steps: int,
+            batch_size: int = 256, lr: float = 2e-3, generator: torch.Generator | None = None) -> nn.Module:
+    """Train ``net`` on fresh samples of ``mixture`` with Adam and ``losses.diffusion_loss`` (DDPM Alg. 1 with the
+    target of ``prediction``); returns it in eval mode. Lecture 11 writes this loop out; tests call it."""
+    from minidiff.losses import diffusion_loss  # imported here: losses imports the denoiser, which toy must not
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = diffusion_loss(net, mixture.sample(batch_size, generator=generator), alphas_cumprod, prediction,
+                              generator=generator)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

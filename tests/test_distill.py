@@ -10,9 +10,8 @@ from torch import nn
 from minidiff import schedules as S
 from minidiff.denoiser import Denoiser, NFECounter
 from minidiff.guidance import CFGDenoiser
-from minidiff.losses import diffusion_loss
 from minidiff.samplers import sample_ddim
-from minidiff.toy import GaussianMixture, ToyMLP, ring_mixture, sliced_wasserstein
+from minidiff.toy import GaussianMixture, ToyMLP, fit_toy, ring_mixture, sliced_wasserstein
 from minidiff.training import distill as D
 from minidiff.training.checkpoint import CheckpointError, save_checkpoint
 
@@ -28,13 +27,7 @@ def toy():
     """A flow-matching ToyMLP teacher on the ring, trained briefly (distillation matches the teacher, not the data)."""
     gm, ab, g = ring_mixture(), _table("straight"), torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    net = ToyMLP(hidden=64)
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(150):
-        loss = diffusion_loss(net, gm.sample(128, generator=g), ab, "flow", generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = fit_toy(ToyMLP(hidden=64), gm, ab, "flow", steps=150, batch_size=128, lr=3e-3, generator=g)
     teacher = Denoiser(net, ab, "flow").eval()
     return {"teacher": teacher, "ab": ab, "data": gm.sample(2048, generator=g),
             "z": torch.randn(512, 2, generator=torch.Generator().manual_seed(1))}

@@ -162,18 +162,12 @@ def test_velocity_and_straight_path_errors():
 
 def test_toy_mlp_learns_the_ring_with_flow_matching():
     """The lecture 11 toy: a few hundred flow-matching steps must beat returning noise by a wide margin."""
-    from minidiff.toy import ToyMLP, ring_mixture, sliced_wasserstein
+    from minidiff.toy import ToyMLP, fit_toy, ring_mixture, sliced_wasserstein
 
     gm, ab, g = ring_mixture(), _straight(1000), torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    net = ToyMLP()
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    for _ in range(400):
-        loss = diffusion_loss(net, gm.sample(256, generator=g), ab, "flow", generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    d = Denoiser(net, ab, "flow").eval()
+    net = fit_toy(ToyMLP(), gm, ab, "flow", steps=400, generator=g)
+    d = Denoiser(net, ab, "flow")
     data, z = gm.sample(1000, generator=g), torch.randn(1000, 2, generator=g)
     out = flow.sample_flow_euler(d, z, S.sampling_sigmas(ab, 16, "trailing"))
     sw = lambda a: float(sliced_wasserstein(a, data, generator=torch.Generator().manual_seed(0)))
