@@ -15,12 +15,15 @@ denoiser contract, CFG and every sampler of ``minidiff.samplers`` work unchanged
 | x0_hat = x - t u_hat    | ``x0_hat``            | what the denoiser returns                                 |
 
 One Euler step of the flow ODE, x' = x + (t' - t) u_hat, is exactly one DDIM (eta = 0) step in the VP state and
-one Euler step of the VE ODE (``tests/test_flow.py`` checks both): the straight path is why few steps go far.
+one Euler step of the VE ODE (``tests/test_flow.py`` checks both). The learned flow's paths are not straight
+(it follows the average velocity through each point; lecture 11 measures them): what the row changes is the
+network's target and its input scale, not the solver.
 """
 from __future__ import annotations
 
 import torch
 
+from minidiff.denoiser import get_parameterization
 from minidiff.samplers import _denoise, _prepare, _report, _steps
 from minidiff.schedules import _as_sigma, vp_coefficients
 from minidiff.utils import append_dims, check_tensor
@@ -44,9 +47,10 @@ def sigma_from_flow_time(t) -> torch.Tensor:
 
 
 def _scale(x: torch.Tensor, sigma) -> torch.Tensor:
-    """1 / (a + b) for sigma (B,) or a scalar, broadcast against x: x_flow = x_t / (a + b)."""
+    """The flow row's c_in = 1 / (a + b) for sigma (B,) or a scalar, broadcast against x: x_flow = c_in x_t."""
     a, b = vp_coefficients(torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
-    return append_dims(1 / (a + b), x.ndim) if a.ndim else 1 / (a + b)
+    c_in = get_parameterization("flow").c_in(a, b)
+    return append_dims(c_in, x.ndim) if c_in.ndim else c_in
 
 
 def to_flow(x: torch.Tensor, sigma) -> torch.Tensor:
@@ -97,7 +101,7 @@ def sample_flow_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, ge
         for i in _steps(len(s) - 1, progress):
             x_t = from_flow(x_flow, s[i])
             x0_hat = _denoise(denoiser, x_t, s[i], cond)
+            _report(callback, i, s[i], s[i + 1], x_t, x0_hat)  # the VP state before the step, as every sampler
             u_hat = (x_flow - x0_hat) / t[i]
             x_flow = x_flow + (t[i + 1] - t[i]) * u_hat
-            _report(callback, i, s[i], s[i + 1], from_flow(x_flow, s[i + 1]), x0_hat)
         return x_flow  # t = 0: the flow point is the data point, x_t = x_flow

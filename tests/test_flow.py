@@ -133,6 +133,10 @@ def test_flow_euler_one_step_from_noise_is_x0_hat_and_reports_each_step():
     sigmas = S.sampling_sigmas(d.alphas_cumprod, 3, "trailing")
     flow.sample_flow_euler(d, x, sigmas, callback=seen.append)
     assert [r["i"] for r in seen] == [0, 1, 2] and math.isinf(seen[0]["sigma"])
+    ddim_seen = []
+    sample_ddim(d, x, sigmas, callback=ddim_seen.append)  # the same states as DDIM reports: before each step
+    for mine, ref in zip(seen, ddim_seen):
+        torch.testing.assert_close(mine["x"], ref["x"], rtol=1e-9, atol=1e-9)
     one = flow.sample_flow_euler(d, x, S.sampling_sigmas(d.alphas_cumprod, 1, "trailing"))
     torch.testing.assert_close(one, d(x, torch.full((2,), math.inf, dtype=F64)))
 
