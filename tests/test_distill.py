@@ -263,3 +263,29 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method, n_steps, rounds, 
     with pytest.raises(ValueError, match="config differs from the checkpoint's"):
         D.distill(teacher, data, D.DistillConfig(method=method, n_steps=n_steps, rounds=rounds, steps=5,
                                                  batch_size=16, lr=1e-2, seed=4), path=path, resume=True)
+
+
+def test_resume_may_change_steps_per_round(tmp_path):
+    """Like the trainer's --steps on resume: a run saved at step 3 of round 0 and resumed with more (or fewer, not
+    below 3) steps per round equals a run started with that number; below the saved step it is refused."""
+    torch.manual_seed(0)
+    teacher = Denoiser(ToyMLP(hidden=16), _table("straight"), "flow").eval()
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    config = lambda steps: D.DistillConfig(n_steps=4, rounds=2, steps=steps, batch_size=16, lr=1e-2, seed=3)
+    path = tmp_path / "distill.safetensors"
+
+    def kill(info):
+        if info["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(teacher, data, config(6), path=path, save_every=3, callback=kill)
+    for steps in (4, 8):
+        resumed = D.distill(teacher, data, config(steps), path=path, resume=True, save_every=100)
+        straight = D.distill(teacher, data, config(steps))
+        for k, v in straight.net.state_dict().items():
+            assert torch.equal(v, resumed.net.state_dict()[k]), (steps, k)
+        with pytest.raises(KeyboardInterrupt):  # a fresh run (no resume) back to its checkpoint at step 3
+            D.distill(teacher, data, config(6), path=path, save_every=3, callback=kill)
+    with pytest.raises(ValueError, match="already at step 3"):
+        D.distill(teacher, data, config(2), path=path, resume=True)

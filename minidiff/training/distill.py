@@ -291,13 +291,18 @@ def save_state(path, run: dict) -> Path:
 
 def load_state(path, run: dict) -> None:
     """Restore what ``save_state`` wrote into a fresh ``start_run`` of the same config (and the same first teacher);
-    like ``train()``, this also restores torch's global RNG (only a net's dropout draws from it)."""
+    ``steps`` (per round) may differ, as long as the saved round has not passed it: the run then equals one started
+    with the new value. Like ``train()``, this also restores torch's global RNG (only a net's dropout draws from it)."""
     saved = checkpoint_config(path).get("distill")  # checked before anything is loaded
     if saved is None:
         raise CheckpointError(f"{path} is a training checkpoint, not a distillation one (no 'distill' config)")
-    if saved != asdict(run["config"]):
-        raise ValueError(f"cannot resume {path}: config differs from the checkpoint's: saved {saved}, "
-                         f"given {asdict(run['config'])}")
+    given = asdict(run["config"])
+    if {**saved, "steps": 0} != {**given, "steps": 0}:  # steps may change, as the trainer's --steps on resume
+        raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (only steps may change): "
+                         f"saved {saved}, given {given}")
+    if checkpoint_config(path)["step"] > given["steps"]:
+        raise ValueError(f"cannot resume {path} with steps={given['steps']}: its round is already at step "
+                         f"{checkpoint_config(path)['step']}")
     state = load_checkpoint(path, model=run["student"].net, optimizer=run["optimizer"],
                             generators={"distill": run["generator"]})
     run["round"], run["step"] = state["config"]["round"], state["step"]
