@@ -3,15 +3,20 @@
 One training step = forward + MSE loss on eps + backward + AdamW step, batch of random images.
 The two models are timed alternately (A, B, A, B, ...) in one process after a warmup, so a change
 in machine load hits both; the table prints every round and the median of the per-round ratios.
-On CUDA it repeats the comparison under bf16 autocast + channels_last.
+``--setups`` names the setups timed (``SETUPS``: float32, bf16 autocast, channels_last, torch.compile, timed
+after its compiling warmup, and combinations); the default is fp32 and, on CUDA, bf16_channels_last.
+``--models minidiff`` times minidiff alone (where diffusers is not installed); ``--out`` appends one JSON
+line per setup (the medians), for scripts such as benchmarks/gpu_run.sh.
 
     python benchmarks/unet_throughput.py                      # tiny preset, 28x28, batch 64, CPU
     python benchmarks/unet_throughput.py --preset cifar --size 32 --batch 128 --device cuda
+    python benchmarks/unet_throughput.py --device cuda --setups fp32 bf16 channels_last compile --out /tmp/t.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import time
@@ -23,13 +28,28 @@ from torch import nn
 from minidiff.models.layers import Downsample, Upsample
 from minidiff.models.unet import PRESETS, UNet, UNetConfig
 
+# name -> how a setup trains: bf16 autocast, channels_last memory format, torch.compile
+SETUPS = {
+    "fp32": {"bf16": False, "channels_last": False, "compile": False},
+    "bf16": {"bf16": True, "channels_last": False, "compile": False},
+    "channels_last": {"bf16": False, "channels_last": True, "compile": False},
+    "bf16_channels_last": {"bf16": True, "channels_last": True, "compile": False},
+    "compile": {"bf16": False, "channels_last": False, "compile": True},
+    "bf16_channels_last_compile": {"bf16": True, "channels_last": True, "compile": True},
+}
 
-def diffusers_twin(cfg: UNetConfig, size: int):
-    """diffusers.UNet2DModel with the same channels, res blocks, attention levels, groups and heads as ``cfg``."""
+
+def diffusers_twin(cfg: UNetConfig, size: int, *, num_class_embeds: int | None = None):
+    """diffusers.UNet2DModel with the same channels, res blocks, attention levels, groups and heads as ``cfg``.
+
+    ``num_class_embeds=K`` adds diffusers' class embedding (K rows, added to the time embedding as minidiff's
+    ``class_emb`` is; minidiff's has a K + 1-th row, the null class of guidance, which diffusers' recipe lacks).
+    """
     from diffusers import UNet2DModel
 
     if cfg.num_classes is not None or cfg.context_dim is not None or cfg.scale_shift or not cfg.mid_attention:
-        raise ValueError("the diffusers twin is built for unconditional presets without scale_shift, "
+        raise ValueError("the diffusers twin is built from unconditional presets without scale_shift (give "
+                         "num_class_embeds= for classes), "
                          f"got num_classes={cfg.num_classes}, context_dim={cfg.context_dim}")
     if cfg.channel_mults[0] != 1:
         raise ValueError(f"UNet2DModel sizes its time embedding by level 0; use channel_mults[0] = 1, got {cfg.channel_mults}")
@@ -44,7 +64,7 @@ def diffusers_twin(cfg: UNetConfig, size: int):
         down_block_types=tuple("AttnDownBlock2D" if i in cfg.attn_levels else "DownBlock2D" for i in levels),
         up_block_types=tuple("AttnUpBlock2D" if i in cfg.attn_levels else "UpBlock2D" for i in reversed(levels)),
         norm_num_groups=cfg.num_groups, attention_head_dim=heads_dims.pop(), dropout=cfg.dropout,
-        downsample_type="conv", upsample_type="conv", add_attention=True,
+        downsample_type="conv", upsample_type="conv", add_attention=True, num_class_embeds=num_class_embeds,
     )
 
 
@@ -106,20 +126,20 @@ def max_abs_difference(ours: UNet, theirs, size: int) -> float:
     return (ours.eval()(x, t) - theirs.eval()(x, t).sample).abs().max().item()
 
 
-def make_step(model, call, *, batch, channels, size, device, bf16_cl):
-    """Return a function running one training step of ``model`` on fixed random data."""
-    fmt = torch.channels_last if bf16_cl else torch.contiguous_format
+def make_step(model, call, *, batch, channels, size, device, bf16=False, channels_last=False, compile=False):
+    """Return a function running one training step of ``model`` on fixed random data (torch.compile'd if asked)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
+    runner = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=fmt)
     eps = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=fmt)
     t = (torch.rand(batch, generator=g) * 1000).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16_cl else contextlib.nullcontext()
 
     def step():
-        with autocast:
-            out = call(model, x, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = call(runner, x, t)
         loss = F.mse_loss(out.float(), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,36 +160,65 @@ def images_per_s(step, n_steps: int, batch: int, device: torch.device) -> tuple[
     return n / (time.perf_counter() - start), n / (time.process_time() - start_cpu)
 
 
-def compare(args, device: torch.device, bf16_cl: bool) -> float:
+def setup_name(bf16: bool, channels_last: bool, compile: bool) -> str:
+    """A readable name of a setup: "float32", "bf16 autocast + channels_last + torch.compile", ..."""
+    parts = ["bf16 autocast" if bf16 else "float32"] + ["channels_last"] * channels_last + ["torch.compile"] * compile
+    return " + ".join(parts)
+
+
+def build_models(args) -> dict:
+    """The models ``--models`` names, minidiff's seeded; with both, check they are the same function."""
     cfg = PRESETS[args.preset]
     torch.manual_seed(0)
-    models = {"minidiff": UNet(cfg), "diffusers": diffusers_twin(cfg, args.size)}
+    builders = {"minidiff": lambda: UNet(cfg), "diffusers": lambda: diffusers_twin(cfg, args.size)}
+    models = {name: builders[name]() for name in args.models}
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    print(f"parameters: minidiff {counts['minidiff']:,}  diffusers {counts['diffusers']:,}")
-    assert abs(counts["minidiff"] - counts["diffusers"]) <= 0.1 * counts["diffusers"], "architectures differ"
-    print(f"same function: max |minidiff - diffusers| = {max_abs_difference(*models.values(), args.size):.1e} "
-          "on one batch after copying minidiff's weights into diffusers")
+    print("parameters: " + "  ".join(f"{k} {n:,}" for k, n in counts.items()))
+    if len(models) == 2:
+        assert abs(counts["minidiff"] - counts["diffusers"]) <= 0.1 * counts["diffusers"], "architectures differ"
+        print(f"same function: max |minidiff - diffusers| = {max_abs_difference(*models.values(), args.size):.1e} "
+              "on one batch after copying minidiff's weights into diffusers")
+    return models
+
+
+def compare(args, device: torch.device, *, bf16=False, channels_last=False, compile=False) -> dict:
+    """Time the models alternately, round by round; returns the medians (img/s, img/CPU-s, and the ratio)."""
+    models = build_models(args)
     calls = {"minidiff": lambda m, x, t: m(x, t), "diffusers": lambda m, x, t: m(x, t).sample}
-    steps = {k: make_step(m, calls[k], batch=args.batch, channels=cfg.in_channels, size=args.size,
-                          device=device, bf16_cl=bf16_cl) for k, m in models.items()}
-    for k in steps:
-        for _ in range(args.warmup):
-            steps[k]()
-    print(f"\n{'bf16 autocast + channels_last' if bf16_cl else 'float32'} on {device}, batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.steps} steps per round")
-    print(f"{'round':>5} | {'img/s: minidiff':>15} {'diffusers':>10} {'ratio':>6} | "
-          f"{'img/CPU-s: minidiff':>19} {'diffusers':>10} {'ratio':>6}")
-    ratios, cpu_ratios = [], []
+    steps = {k: make_step(m, calls[k], batch=args.batch, channels=PRESETS[args.preset].in_channels, size=args.size,
+                          device=device, bf16=bf16, channels_last=channels_last, compile=compile)
+             for k, m in models.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):  # with --compile the first warmup step compiles
+            step()
+    name = setup_name(bf16, channels_last, compile)
+    print(f"\n{name} on {device}, batch {args.batch}, {args.size}x{args.size}, {args.steps} steps per round")
+    two = len(steps) == 2
+    print(f"{'round':>5} | " + " ".join(f"{'img/s: ' + k:>15}" for k in steps) + (f" {'ratio':>6}" if two else "")
+          + " | " + " ".join(f"{'img/CPU-s: ' + k:>19}" for k in steps) + (f" {'ratio':>6}" if two else ""))
+    rates = {k: [] for k in steps}
+    cpu_rates = {k: [] for k in steps}
     for r in range(args.rounds):
-        a, a_cpu = images_per_s(steps["minidiff"], args.steps, args.batch, device)
-        b, b_cpu = images_per_s(steps["diffusers"], args.steps, args.batch, device)
-        ratios.append(a / b)
-        cpu_ratios.append(a_cpu / b_cpu)
-        print(f"{r:>5} | {a:>15.1f} {b:>10.1f} {a / b:>6.2f} | {a_cpu:>19.1f} {b_cpu:>10.1f} {a_cpu / b_cpu:>6.2f}")
-    med = statistics.median(ratios)
-    print(f"median ratio minidiff / diffusers: {med:.2f} (wall clock), "
-          f"{statistics.median(cpu_ratios):.2f} (CPU time)")
-    return med
+        for k, step in steps.items():
+            wall, cpu = images_per_s(step, args.steps, args.batch, device)
+            rates[k].append(wall)
+            cpu_rates[k].append(cpu)
+        last = {k: v[-1] for k, v in rates.items()}
+        last_cpu = {k: v[-1] for k, v in cpu_rates.items()}
+        ratio = f" {last['minidiff'] / last['diffusers']:>6.2f}" if two else ""
+        ratio_cpu = f" {last_cpu['minidiff'] / last_cpu['diffusers']:>6.2f}" if two else ""
+        print(f"{r:>5} | " + " ".join(f"{v:>15.1f}" for v in last.values()) + ratio + " | "
+              + " ".join(f"{v:>19.1f}" for v in last_cpu.values()) + ratio_cpu)
+    result = {"preset": args.preset, "size": args.size, "batch": args.batch, "device": str(device), "setup": name,
+              "img_s": {k: statistics.median(v) for k, v in rates.items()},
+              "img_cpu_s": {k: statistics.median(v) for k, v in cpu_rates.items()}, "ratio": None}
+    if two:
+        result["ratio"] = statistics.median(a / b for a, b in zip(rates["minidiff"], rates["diffusers"]))
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu_rates["minidiff"], cpu_rates["diffusers"]))
+        print(f"median ratio minidiff / diffusers: {result['ratio']:.2f} (wall clock), {cpu_ratio:.2f} (CPU time)")
+    else:
+        print("median img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["img_s"].items()))
+    return result
 
 
 def main():
@@ -182,6 +231,10 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--models", nargs="+", default=["minidiff", "diffusers"], choices=["minidiff", "diffusers"])
+    p.add_argument("--setups", nargs="+", default=None, choices=list(SETUPS),
+                   help="setups to time (default: fp32, and on CUDA also bf16_channels_last)")
+    p.add_argument("--out", default=None, help="append one JSON line per setup (the medians) to this file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,9 +242,12 @@ def main():
     load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs{load}, preset {args.preset!r}")
-    compare(args, device, bf16_cl=False)
-    if device.type == "cuda":
-        compare(args, device, bf16_cl=True)
+    setups = args.setups or ["fp32"] + (["bf16_channels_last"] if device.type == "cuda" else [])
+    for setup in setups:
+        result = compare(args, device, **SETUPS[setup])
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

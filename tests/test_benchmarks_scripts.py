@@ -1,0 +1,112 @@
+"""The benchmark scripts of issue 19 run end to end on tiny budgets: benchmarks/time_to_quality.py (a table row and
+JSON evaluations of numbers), benchmarks/gpu_run.sh in its CPU smoke mode (exit 0, every result file written); the
+time-to-quality report's arithmetic on made-up summaries; the diffusers adapter against the eps formula."""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _env(**extra) -> dict:
+    """The test's environment for a subprocess: one CPU thread, smoke mode, the repo importable."""
+    threads = os.environ.get("MINIDIFF_TEST_THREADS", "1")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MINIDIFF_SMOKE": "1", "PYTHONPATH": path, **extra}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_time_to_quality_runs_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "ttq.json"
+    cmd = [sys.executable, str(BENCH / "time_to_quality.py"), "--minutes", "0.03", "--eval-every-min", "0.03",
+           "--n", "20", "--recipes", "flow", "--threads", "1", "--device", "cpu", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("| recipe | minutes to >= 90% | steps | img/s |") for line in lines), res.stdout
+    assert any(line.startswith("| flow | ") for line in lines), res.stdout
+    result = json.loads(out.read_text())
+    assert len(result["evaluations"]) >= 1
+    for row in result["evaluations"]:
+        assert row["recipe"] == "flow"
+        for key in ("train_minutes", "step", "accuracy", "fid", "fid_floor", "img_s"):
+            assert _is_number(row[key]), (key, row)
+        assert row["step"] >= 1 and 0 <= row["accuracy"] <= 1
+    assert [json.loads(line) for line in lines if line.startswith("{")] == result["evaluations"]
+
+
+def test_time_to_quality_table_reports_ratios_and_misses():
+    ttq = _load("time_to_quality")
+    rows = {"flow": [(5.0, 0.8), (10.0, 0.92)], "eps": [(10.0, 0.7), (20.0, 0.91)], "diffusers": [(30.0, 0.6)]}
+    summaries = [ttq.summarize([{"recipe": name, "train_minutes": m, "step": 100 * int(m), "accuracy": a,
+                                 "img_s": 50.0} for m, a in evals], 0.9, 30.0) for name, evals in rows.items()]
+    text = ttq.table(summaries, 0.9)
+    assert "| flow | 10.0 | 1000 | 50.0 |" in text
+    assert "| diffusers | not reached in 30 min; best acc 60.0% at 30.0 min | 3000 | 50.0 |" in text
+    assert "time to 90%, eps / flow: 2.00x" in text
+    assert "time to 90%, diffusers / flow: n/a (diffusers did not reach 90% in 30 min)" in text
+
+
+def test_diffusers_adapter_is_the_eps_row_of_the_table(gen):
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    from minidiff.denoiser import x0_from_eps
+    from minidiff.models.unet import PRESETS
+    from minidiff.schedules import sigmas_from_alphas_cumprod
+
+    ttq = _load("time_to_quality")
+    torch.manual_seed(0)
+    unet = ttq.load_diffusers_twin()(PRESETS["tiny"], 28, num_class_embeds=10)
+    net = ttq.DiffusersEpsNet(unet, 10).eval()
+    alphas_cumprod = DDPMScheduler(beta_schedule="linear").alphas_cumprod.to(torch.float64)
+    denoiser = ttq.Denoiser(net, alphas_cumprod, "eps")
+    assert denoiser.num_classes == 10
+    t = torch.tensor([0, 400, 999])
+    sigma = sigmas_from_alphas_cumprod(alphas_cumprod)[t].float()
+    x, labels = torch.randn(3, 1, 28, 28, generator=gen), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        eps_hat = unet(x, t.float(), class_labels=labels).sample  # diffusers' call at the timestep itself
+        torch.testing.assert_close(denoiser(x, sigma, class_labels=labels), x0_from_eps(x, eps_hat, sigma),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # five Python processes, each importing torch: about 40 s on one loaded CPU thread
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_run_smoke_mode_writes_its_results(tmp_path):
+    out = tmp_path / "gpu"
+    env = _env(GPU_RUN_SMOKE="1", GPU_RUN_THREADS=os.environ.get("MINIDIFF_TEST_THREADS", "1"),
+               PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--out", str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name in ("env.txt", "timings.txt", "throughput.log", "train.log", "run/checkpoint.safetensors",
+                 "model.safetensors", "results/quality.txt", "results/samples.png"):
+        assert (out / name).is_file(), name
+    throughput = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
+    assert {r["setup"] for r in throughput} == {"float32", "float32 + channels_last"}
+    assert all(_is_number(v) and v > 0 for r in throughput for v in r["img_s"].values())
+    card = json.loads((out / "model.json").read_text())
+    assert card["steps"] == 4 and card["config"]["prediction"] == "flow"
+    quality = json.loads((out / "results" / "quality.json").read_text())
+    assert quality == card["flow_vs_diffusion"]["rows"] and len(quality) == 2
+    assert all(_is_number(r[k]) for r in quality for k in ("fid", "fid_floor", "acc"))
