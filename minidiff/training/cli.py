@@ -23,7 +23,7 @@ from minidiff.training.loop import TrainConfig
 from minidiff.training.rundir import check_out_dir
 from minidiff.utils import command_line
 
-__all__ = ["main", "export_run", "parse_args"]
+__all__ = ["main", "export_run", "export_main", "parse_args"]
 
 _HELP = {
     "dataset": "mnist, fashion-mnist or cifar10", "preset": "UNet preset from minidiff.models.unet.PRESETS",
@@ -126,20 +126,22 @@ def export_run(run_dir, path, *, dtype: str = "float16", image_shape=None, class
     return save_model(path, denoiser, schedule=config.schedule, dtype=getattr(torch, dtype), card=card)
 
 
-def _export_main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minidiff.train export")
+def export_main(argv, *, prog: str = "python -m minidiff.train", export=None) -> None:
+    """``PROG export RUN_DIR PATH [--dtype]``: ``export(run_dir, path, dtype=)`` (default ``export_run``), then one
+    line on what was written; ``python -m minidiff.distill export`` uses it with the student's exporter."""
+    parser = argparse.ArgumentParser(prog=f"{prog} export")
     parser.add_argument("run_dir")
     parser.add_argument("path")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args(argv)
-    path = export_run(args.run_dir, args.path, dtype=args.dtype)
+    path = (export or export_run)(args.run_dir, args.path, dtype=args.dtype)
     print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) and model card {path.with_suffix('.json')}")
 
 
 @command_line("python -m minidiff.train")
 def main(argv=None) -> None:
     """``python -m minidiff.train [export]``; user errors: one line, status 2 (see ``utils.command_line``)."""
-    return _export_main(argv[1:]) if argv and argv[0] == "export" else _train_main(argv)
+    return export_main(argv[1:]) if argv and argv[0] == "export" else _train_main(argv)
 
 
 def _train_main(argv) -> None:

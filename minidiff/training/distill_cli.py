@@ -23,6 +23,7 @@ import torch
 
 from minidiff.files import atomic_write_bytes, hardware_info
 from minidiff.training.distill import DistillConfig, distill
+from minidiff.training.cli import export_main
 from minidiff.training.rundir import acquire_lock, check_out_dir
 from minidiff.utils import command_line
 
@@ -47,6 +48,13 @@ def load_teacher(spec: str, guidance: float = 1.0, *, device=None):
         null = torch.tensor(teacher.net.config.num_classes)  # the learned null class id K
         teacher = CFGDenoiser(teacher, guidance, uncond={"class_labels": null})
     return teacher
+
+
+_HELP = {"method": "progressive or consistency",
+         "n_steps": "progressive: the first student's steps (its teacher takes 2N; a power of 2); consistency: grid levels",
+         "rounds": "progressive rounds, each halving the steps (consistency: 1)",
+         "steps": "optimizer steps per round (may change on --resume)", "batch_size": "images per step",
+         "lr": "AdamW learning rate (constant)", "max_grad_norm": "gradient clipping", "seed": "seed of every draw"}
 
 
 def _run_json(out: Path) -> dict:
@@ -75,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in fields(DistillConfig):
         kind = type(getattr(defaults, f.name))
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                       help=f"(default: {getattr(defaults, f.name)})")
+                       help=f"{_HELP[f.name]} (default: {getattr(defaults, f.name)})")
     return p.parse_args(argv)
 
 
@@ -104,7 +112,7 @@ def _distill_main(argv) -> None:
     device = torch.device(args.device) if args.device else get_device()
     teacher = load_teacher(teacher_spec, guidance, device=device)
     base = getattr(teacher, "denoiser", teacher)
-    dataset = load_dataset(saved.get("dataset") or _teacher_dataset(teacher_spec))
+    dataset = load_dataset(saved.get("dataset") or _card_of(teacher_spec)["data"]["dataset"])
     cond = {"class_labels": dataset.labels} if base.net.config.num_classes is not None else None
     lock = acquire_lock(out)
     try:
@@ -149,13 +157,12 @@ def _distill_locked(args, argv, out, saved, config, teacher_spec, guidance, teac
     print(f"done in {time.perf_counter() - t0:.0f} s; export with: python -m minidiff.distill export {out} PATH")
 
 
-def _teacher_dataset(spec: str) -> str:
-    """The dataset named in the teacher's model card (shipped name or ``<path>.json``)."""
+def _card_of(spec: str) -> dict:
+    """The teacher's model card: ``<path>.json`` beside an exported file, or the shipped model's."""
     from minidiff import pretrained
 
     card_path = Path(spec).with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else pretrained.model_card(spec)
-    return card["data"]["dataset"]
+    return json.loads(card_path.read_text()) if card_path.is_file() else pretrained.model_card(spec)
 
 
 def export_student(run_dir, path, *, dtype: str = "float16") -> Path:
@@ -187,25 +194,14 @@ def export_student(run_dir, path, *, dtype: str = "float16") -> Path:
 
 def _teacher_card(spec: str) -> dict:
     """What the student inherits from its teacher's card: the net, data and class names (not the teacher's metrics)."""
-    from minidiff import pretrained
-
-    card_path = Path(spec).with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else pretrained.model_card(spec)
+    card = _card_of(spec)
     keep = ("config", "unet", "data", "class_names")
     return {k: card[k] for k in keep if k in card}
-
-
-def _export_main(argv) -> None:
-    p = argparse.ArgumentParser(prog="python -m minidiff.distill export")
-    p.add_argument("run_dir")
-    p.add_argument("path")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    args = p.parse_args(argv)
-    path = export_student(args.run_dir, args.path, dtype=args.dtype)
-    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) and model card {path.with_suffix('.json')}")
 
 
 @command_line("python -m minidiff.distill")
 def main(argv=None) -> None:
     """``python -m minidiff.distill [export]``; user errors: one line, status 2 (see ``utils.command_line``)."""
-    return _export_main(argv[1:]) if argv and argv[0] == "export" else _distill_main(argv)
+    if argv and argv[0] == "export":
+        return export_main(argv[1:], prog="python -m minidiff.distill", export=export_student)
+    return _distill_main(argv)
