@@ -54,23 +54,42 @@ def run(checkpoint: str, n: int, guidances: list[float], seed: int, batch_size: 
 def format_row(r: dict) -> str:
     return (f"| {r['sampler']:8s} | {r['spacing']:8s} | {r['steps']:4d} | {r['nfe']:4d} | {r['guidance']:3.1f} | "
             f"{r['fid']:7.2f} | {r['fid_floor']:5.2f} | {100 * r['class_accuracy']:5.1f}% | {r['precision']:5.3f} | "
-            f"{r['recall']:5.3f} |"
-            f" {r['wall_time_s']:6.0f} |")
+            f"{r['recall']:5.3f} | {_sat(r)} | {r['wall_time_s']:6.0f} |")
 
 
-HEADER = ("| sampler  | spacing  | steps | NFE | guidance | FID | floor | class acc | precision | recall | gen s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+def _sat(r: dict) -> str:
+    """Saturated-pixel share of the samples over that of real images (rows stored before it was measured: n/a)."""
+    if r.get("saturation") is None:
+        return "  n/a"
+    return f"{r['saturation'] / r['saturation_real']:5.2f}x"
+
+
+HEADER = ("| sampler  | spacing  | steps | NFE | guidance | FID | floor | class acc | precision | recall | saturated vs real | gen s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def verdict(rows: list[dict]) -> str:
-    """The issue's bar: accuracy >= 85% at guidance 3 with DPM++ 2M/20, FID within 3x of DDPM-1000's."""
+    """The bars: issue 4 (guidance 3: DPM++ 2M/20 accuracy >= 85%, FID within 3x of DDPM-1000's) and issue 19
+    (guidance 1: DPM++ 2M/20 accuracy >= 85%, FID <= 2x the real-vs-real floor, saturated pixels <= 1.5x real's,
+    and Heun on its default (trailing) spacing within 2x of DPM++ 2M/20's FID as "sane")."""
     at = {(r["sampler"], r["steps"], r["spacing"], r["guidance"]): r for r in rows}
+    lines = []
     dpm, ddpm = at.get(("dpmpp_2m", 20, "trailing", 3.0)), at.get(("ddpm", 1000, "trailing", 3.0))
-    if dpm is None or ddpm is None:
-        return "bar not evaluated (needs the DDPM-1000 and trailing DPM++ 2M/20 rows at guidance 3)"
-    acc_ok, fid_ok = dpm["class_accuracy"] >= 0.85, dpm["fid"] <= 3 * ddpm["fid"]
-    return (f"DPM++ 2M/20 (trailing) at guidance 3: class accuracy {100 * dpm['class_accuracy']:.1f}% "
-            f"(>= 85%: {acc_ok}); FID {dpm['fid']:.2f} vs DDPM-1000 {ddpm['fid']:.2f} (within 3x: {fid_ok})")
+    if dpm is not None and ddpm is not None:
+        acc_ok, fid_ok = dpm["class_accuracy"] >= 0.85, dpm["fid"] <= 3 * ddpm["fid"]
+        lines.append(f"DPM++ 2M/20 (trailing) at guidance 3: class accuracy {100 * dpm['class_accuracy']:.1f}% "
+                     f"(>= 85%: {acc_ok}); FID {dpm['fid']:.2f} vs DDPM-1000 {ddpm['fid']:.2f} (within 3x: {fid_ok})")
+    dpm, heun = at.get(("dpmpp_2m", 20, "trailing", 1.0)), at.get(("heun", 10, "trailing", 1.0))
+    if dpm is not None and dpm.get("saturation") is not None:
+        acc_ok, fid_ok = dpm["class_accuracy"] >= 0.85, dpm["fid"] <= 2 * dpm["fid_floor"]
+        sat_ok = dpm["saturation"] <= 1.5 * dpm["saturation_real"]
+        line = (f"DPM++ 2M/20 (trailing) at guidance 1: class accuracy {100 * dpm['class_accuracy']:.1f}% "
+                f"(>= 85%: {acc_ok}); FID {dpm['fid']:.2f} vs floor {dpm['fid_floor']:.2f} (<= 2x: {fid_ok}); "
+                f"saturated pixels {_sat(dpm).strip()} real's (<= 1.5x: {sat_ok})")
+        if heun is not None:
+            line += f"; Heun 10 (trailing) FID {heun['fid']:.2f} (sane, <= 2x DPM++'s: {heun['fid'] <= 2 * dpm['fid']})"
+        lines.append(line)
+    return "\n".join(lines) or "bar not evaluated (needs the trailing DPM++ 2M/20 row, and DDPM-1000 for guidance 3)"
 
 
 def main(argv=None) -> None:

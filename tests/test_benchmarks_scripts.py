@@ -110,3 +110,19 @@ def test_gpu_run_smoke_mode_writes_its_results(tmp_path):
     quality = json.loads((out / "results" / "quality.json").read_text())
     assert quality == card["flow_vs_diffusion"]["rows"] and len(quality) == 2
     assert all(_is_number(r[k]) for r in quality for k in ("fid", "fid_floor", "acc"))
+
+
+def _row(sampler, steps, guidance, fid, acc, saturation=0.01, floor=1.0):
+    return {"sampler": sampler, "steps": steps, "spacing": "trailing", "guidance": guidance, "fid": fid,
+            "fid_floor": floor, "class_accuracy": acc, "saturation": saturation, "saturation_real": 0.01}
+
+
+def test_checkpoint_quality_verdict_names_each_part_of_the_guidance_1_bar():
+    verdict = _load("checkpoint_quality").verdict
+    good = verdict([_row("dpmpp_2m", 20, 1.0, 1.8, 0.86), _row("heun", 10, 1.0, 2.5, 0.85)])
+    assert "(>= 85%: True)" in good and "(<= 2x: True)" in good and "(<= 1.5x: True)" in good
+    assert "DPM++'s: True" in good and "guidance 3" not in good
+    blown = verdict([_row("dpmpp_2m", 20, 1.0, 3.4, 0.72, saturation=0.037), _row("heun", 10, 1.0, 68.4, 0.09)])
+    assert "(>= 85%: False)" in blown and "(<= 2x: False)" in blown and "3.70x" in blown
+    assert "(<= 1.5x: False)" in blown and "DPM++'s: False" in blown
+    assert "bar not evaluated" in verdict([_row("ddim", 50, 1.0, 2.0, 0.9)])

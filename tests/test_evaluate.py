@@ -78,12 +78,26 @@ def test_guidance_rescale_reaches_the_cfg_wrapper(monkeypatch):
 def test_evaluate_returns_every_metric():
     result = ev.evaluate(_denoiser(), dataset="fashion-mnist", steps=2, n=24, batch_size=12, seed=0,
                          kid_subsets=3, progress=False)
-    for key in ("fid", "fid_floor", "kid", "precision", "recall", "class_accuracy"):
+    for key in ("fid", "fid_floor", "kid", "precision", "recall", "class_accuracy", "saturation", "saturation_real"):
         assert result[key] == result[key], key  # finite numbers, not NaN
     assert result["fid"] > result["fid_floor"] > 0  # an untrained net is far from the data
     assert result["nfe"] == 2
     assert ("fashion-mnist", "test", 24) in ev._REAL_FEATURES  # cached for the next call
     assert "real-vs-real floor (n=24)" in ev.format_table(result)
+    assert 0 < result["saturation_real"] < 0.05  # Fashion-MNIST: about 1% of pixels are white
+    assert "saturated pixels" in ev.format_table(result)
+
+
+def test_saturated_share_counts_the_bright_end_only():
+    from minidiff.eval.metrics import saturated_share
+
+    x = torch.tensor([[-1.0, -1.0, 0.0, 0.97, 0.98, 1.0, 1.0, 1.0]])
+    assert saturated_share(x) == pytest.approx(4 / 8)
+    assert saturated_share(x, threshold=0.999) == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        saturated_share(x, threshold=1.5)
+    with pytest.raises(ValueError, match="images must be a non-empty tensor"):
+        saturated_share(torch.empty(0, 3))
 
 
 def test_cli_on_a_saved_tiny_unet(tmp_path, capsys):

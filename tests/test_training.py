@@ -1,5 +1,6 @@
 """Training engine: EMA math, warmup, one step (clipping, condition dropout, NaN guard), loss goes down on
 real Fashion-MNIST, kill-and-resume is bit-for-bit, and the command line runs end to end."""
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -69,6 +70,24 @@ def test_make_optimizer_warms_up_linearly():
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="lr must be > 0, got -1"):
         make_optimizer(Scalar(1.0), lr=-1)
+
+
+def test_make_optimizer_cosine_decays_to_zero_after_warmup():
+    opt, sched = make_optimizer(Scalar(1.0), lr=1e-2, warmup_steps=2, lr_schedule="cosine", total_steps=6)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # warmup 1/2, 2/2, then 0.5 (1 + cos(pi k / 4)) for k = 0..4, held at 0 past total_steps
+    assert lrs == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2 * (1 + 2 ** -0.5) / 2, 5e-3, 1e-2 * (1 - 2 ** -0.5) / 2,
+                                 0.0, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule must be one of .*got 'linear'"):
+        make_optimizer(Scalar(1.0), lr=1e-2, lr_schedule="linear")
+    with pytest.raises(ValueError, match="needs total_steps >= 1"):
+        make_optimizer(Scalar(1.0), lr=1e-2, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step")
 
 
 class Recorder(nn.Module):
@@ -168,6 +187,27 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path):
     assert (tmp_path / "killed" / "samples" / "step_0000008.png").is_file()
     with pytest.raises(ValueError, match="config differs"):
         train(_small_config(12, lr=1e-2), tmp_path / "killed", data=data, device="cpu", progress=False, resume=True)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_config_field_existed(tmp_path):
+    """A run saved before ``lr_schedule`` was a field resumes as the default ("constant"), not as a config clash."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    data = Data(torch.rand(16, 1, 12, 12, generator=g) * 2 - 1, torch.randint(3, (16,), generator=g), ("a", "b", "c"))
+    train(_small_config(4), tmp_path / "old", data=data, device="cpu", progress=False)
+    path = tmp_path / "old" / "checkpoint.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["train"]["lr_schedule"]
+    save_file(tensors, path, metadata={**meta, "config": json.dumps(config)})
+    resumed = train(_small_config(5), tmp_path / "old", data=data, device="cpu", progress=False, resume=True)
+    assert len(resumed["history"]["loss"]) == 5
+    with pytest.raises(ValueError, match="config differs.*lr_schedule"):
+        train(_small_config(6, lr_schedule="cosine"), tmp_path / "old", data=data, device="cpu", progress=False,
+              resume=True)
 
 
 def _cli(*args, timeout=240):

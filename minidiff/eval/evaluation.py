@@ -108,7 +108,8 @@ def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_
 
     Keys: fid, fid_floor (train vs test at the same n), kid, kid_std (std over subsets of min(n, 1000); 0 when
     n <= 1000, since every subset is then the whole set), class_accuracy (None if unconditional),
-    precision, recall, nfe, wall_time_s (generation), n, and the settings. ``generator`` defaults to one
+    precision, recall, saturation and saturation_real (``metrics.saturated_share`` of the samples and of the
+    ``n`` test images), nfe, wall_time_s (generation), n, and the settings. ``generator`` defaults to one
     seeded with ``seed``.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -123,11 +124,13 @@ def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_
                                     generator=generator)
     precision, recall = metrics.precision_recall(test, fake)
     accuracy = metrics.class_accuracy(classifier, gen.images, gen.labels) if gen.labels is not None else None
+    real_images = training_data(dataset, "test", n=n, seed=1)[0]
     return {"dataset": dataset, "sampler": sampler, "steps": steps, "guidance": guidance, "n": n,
             "fid": metrics.frechet_distance_from_features(test, fake),
             "fid_floor": metrics.frechet_distance_from_features(train, test),
             "kid": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
-            "precision": precision, "recall": recall, "nfe": gen.nfe, "wall_time_s": gen.wall_time_s}
+            "precision": precision, "recall": recall, "saturation": metrics.saturated_share(gen.images),
+            "saturation_real": metrics.saturated_share(real_images), "nfe": gen.nfe, "wall_time_s": gen.wall_time_s}
 
 
 def format_table(result: dict) -> str:
@@ -138,6 +141,8 @@ def format_table(result: dict) -> str:
             ("KID", f"{result['kid']:.5f}" + (f" +- {result['kid_std']:.5f}" if result["n"] > 1000 else "")),
             ("class accuracy", "n/a (unconditional)" if acc is None else f"{100 * acc:.1f}%"),
             ("precision (k=3)", f"{result['precision']:.3f}"), ("recall (k=3)", f"{result['recall']:.3f}"),
+            ("saturated pixels (>= 0.98)", f"{100 * result['saturation']:.2f}% (real: "
+                                           f"{100 * result['saturation_real']:.2f}%)"),
             ("NFE per sample", str(result["nfe"])), ("wall time (s)", f"{result['wall_time_s']:.1f}")]
     width = max(len(name) for name, _ in rows)
     head = f"{result['dataset']}: {result['sampler']}, {result['steps']} steps, guidance {result['guidance']}"

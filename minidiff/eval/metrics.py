@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["feature_statistics", "frechet_distance", "frechet_distance_from_features", "kid",
-           "precision_recall", "real_vs_real_floor", "class_accuracy", "prompt_adherence"]
+           "precision_recall", "real_vs_real_floor", "class_accuracy", "saturated_share", "prompt_adherence"]
 
 
 def _as_features(name: str, feats) -> torch.Tensor:
@@ -164,6 +164,19 @@ def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, *, ba
     device = _device_of(classifier)
     preds = torch.cat([classifier(xb.to(device)).argmax(1).cpu() for xb in images.split(batch_size)])
     return float((preds == labels.cpu()).double().mean())
+
+
+def saturated_share(images: torch.Tensor, *, threshold: float = 0.98) -> float:
+    """Share of pixels at or above ``threshold`` in images in [-1, 1]: the "blown-out" white of a sampler that
+    overshoots (an eps-prediction model amplifies its error by sigma_max at the first step and the clip at +1
+    catches it). Compare with the same share on real images; only the bright end is counted, since black
+    background is most of a Fashion-MNIST image.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.numel() == 0:
+        raise ValueError(f"images must be a non-empty tensor (N, ...), got {getattr(images, 'shape', type(images))}")
+    if not -1.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (-1, 1], got {threshold}")
+    return float((images >= threshold).double().mean())
 
 
 @torch.no_grad()

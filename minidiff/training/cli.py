@@ -30,6 +30,7 @@ _HELP = {
     "prediction": "what the net predicts: eps, x0 or v", "schedule": "beta schedule: linear, cosine, ...",
     "T": "number of training timesteps", "steps": "total optimizer steps (when resuming: the new total)",
     "batch_size": "images per step", "lr": "AdamW learning rate", "warmup": "linear LR warmup steps",
+    "lr_schedule": "after warmup: constant, or cosine decay to 0 at --steps",
     "weight_decay": "AdamW weight decay", "ema_decay": "EMA decay of the weights used for samples/export",
     "p_uncond": "probability a label is replaced by the null class (CFG training)",
     "min_snr_gamma": "min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5", "max_grad_norm": "gradient clipping",

@@ -28,7 +28,7 @@ from minidiff.schedules import SCHEDULES, alphas_cumprod_from_betas, make_betas,
 from minidiff.training import distributed
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from minidiff.training.rundir import RunLockedError, acquire_lock, check_out_dir
-from minidiff.training.steps import EMA, make_optimizer, train_step, validation_loss
+from minidiff.training.steps import EMA, LR_SCHEDULES, make_optimizer, train_step, validation_loss
 from minidiff.utils import get_device
 
 __all__ = ["TrainConfig", "train", "build_model", "make_alphas_cumprod", "sample_grid", "RunLockedError"]
@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
+    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to 0 at ``steps``
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     p_uncond: float = 0.1
@@ -73,6 +74,7 @@ class TrainConfig:
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("schedule", self.schedule, tuple(SCHEDULES))
         _check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps", "val_every", "val_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,7 +177,8 @@ def _setup(config: TrainConfig, data, device: torch.device) -> dict:
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = net.to(device, memory_format=fmt)
     optimizer, scheduler = make_optimizer(net, lr=config.lr, weight_decay=config.weight_decay,
-                                          warmup_steps=config.warmup)
+                                          warmup_steps=config.warmup, lr_schedule=config.lr_schedule,
+                                          total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed),
             "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
@@ -187,7 +190,9 @@ def _resume(path: Path, config: TrainConfig, run: dict) -> None:
     """Load a checkpoint into ``run`` after checking it was trained with the same config."""
     saved = checkpoint_config(path)["train"]
     mine = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the saved JSON
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in config.RESUMABLE and saved.get(k) != v}
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))  # fields added since the checkpoint was written
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
+            if k not in config.RESUMABLE and saved.get(k, defaults[k]) != v}
     if diff:
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],

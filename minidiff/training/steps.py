@@ -19,6 +19,8 @@ The loop a student reads (``train()`` below is this, plus logging, samples and c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -89,20 +91,34 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                   betas=(0.9, 0.999)):
+                   betas=(0.9, 0.999), lr_schedule: str = "constant", total_steps: int | None = None):
     """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` and a LambdaLR that warms the learning rate
-    up linearly, then holds it."""
+    up linearly, then holds it (``lr_schedule="constant"``) or decays it to 0 at ``total_steps`` along a half
+    cosine (``"cosine"``; Loshchilov & Hutter 2017, "SGDR", Eq. 5 without restarts)."""
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if lr_schedule == "cosine" and (total_steps is None or total_steps < 1):
+        raise ValueError(f"lr_schedule='cosine' needs total_steps >= 1, got {total_steps}")
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-    return optimizer, scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _check_finite_step(value: torch.Tensor, what: str, step, optimizer) -> None:
