@@ -67,7 +67,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["fashion-mnist-cond", "fashion-mnist-cond-fm"])
+    p.add_argument("--models", nargs="+", default=["fashion-mnist-cond-eps", "fashion-mnist-cond-fm"])
     p.add_argument("--samplers", nargs="+", default=["euler", "dpmpp_2m"])
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50])
     p.add_argument("--guidance", nargs="+", type=float, default=[1.0])

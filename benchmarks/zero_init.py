@@ -1,6 +1,6 @@
 """Does zero-initialising the residual branches help the tiny U-Net? Two runs, identical but for ``zero_init``.
 
-Same seed, data order, noise and recipe as the shipped fashion-mnist-cond model (tiny preset, cosine schedule,
+Same seed, data order, noise and recipe as the first shipped model, fashion-mnist-cond-eps (tiny preset, cosine schedule,
 eps-prediction, AdamW lr 1e-3, warmup 200, batch 64, EMA 0.999, p_uncond 0.1), a shorter run. Prints the training
 loss (mean of each 100 steps) and the validation loss of the EMA weights (256 test images, 10 fixed t, fixed noise)
 for both, and their ratio.
