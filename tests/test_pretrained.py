@@ -194,10 +194,10 @@ def _zero_class_embedding(net):
     net.class_emb.weight.zero_()  # every class, and the null class, look alike: an unconditional model, CFG a no-op
 
 
-@pytest.mark.parametrize("name", CLASS_MODELS)
 @pytest.mark.parametrize("breakage", [_zero_all_weights, _zero_class_embedding], ids=["zeroed", "labels-ignored"])
-def test_quality_floor_fails_a_broken_model(classifier, breakage, name):
-    """The floor can fail: the same metric on the shipped model with its weights zeroed (it then samples clipped
+def test_quality_floor_fails_a_broken_model(classifier, breakage, name="fashion-mnist-cond"):
+    """The floor can fail: the same metric on the default shipped model (the other two share its U-Net, so one
+    model shows it; CI time) with its weights zeroed (it then samples clipped
     noise, which still has the right shape and range) or with its class embedding zeroed (images with no class)
     falls below it."""
     denoiser = pretrained.load(name)
