@@ -15,7 +15,6 @@ downloaded offline; the KL is per latent element, so ``beta`` does not depend on
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from minidiff.files import hardware_info
 from minidiff.models.vae import VAE_PRESETS, AutoencoderKL
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from minidiff.training.rundir import acquire_lock, check_out_dir
+from minidiff.training.steps import lr_factor
 from minidiff.utils import command_line, get_device
 
 __all__ = ["FeatureDistance", "vae_loss", "VAETrainConfig", "shapes64", "train_vae"]
@@ -125,13 +125,8 @@ def shapes64(n: int, seed: int) -> torch.Tensor:
 
 
 def _schedule(config: VAETrainConfig):
-    """Linear warmup then cosine decay to 0 at ``config.steps`` (Loshchilov & Hutter 2017)."""
-    def factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    """Linear warmup then cosine decay to 0 at ``config.steps`` (``steps.lr_factor``)."""
+    return lr_factor(config.warmup, "cosine", max(1, config.steps))
 
 
 def _setup(config: VAETrainConfig, device: torch.device, in_channels: int = 3) -> dict:

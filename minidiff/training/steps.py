@@ -27,7 +27,7 @@ from torch import nn
 from minidiff.guidance import condition_dropout
 from minidiff.losses import diffusion_loss
 
-__all__ = ["EMA", "make_optimizer", "train_step", "parameter_groups", "validation_loss"]
+__all__ = ["EMA", "lr_factor", "make_optimizer", "train_step", "parameter_groups", "validation_loss"]
 
 
 class EMA:
@@ -94,22 +94,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                   betas=(0.9, 0.999), lr_schedule: str = "constant", total_steps: int | None = None):
-    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` and a LambdaLR that warms the learning rate
-    up linearly, then holds it (``lr_schedule="constant"``) or decays it to 0 at ``total_steps`` along a half
-    cosine (``"cosine"``; Loshchilov & Hutter 2017, "SGDR", Eq. 5 without restarts)."""
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+def lr_factor(warmup_steps: int, lr_schedule: str = "constant", total_steps: int | None = None):
+    """step -> learning-rate multiplier: linear warmup over ``warmup_steps``, then 1 (``"constant"``) or a half
+    cosine down to 0 at ``total_steps`` (``"cosine"``; Loshchilov & Hutter 2017, "SGDR", Eq. 5 without restarts)."""
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if lr_schedule == "cosine" and (total_steps is None or total_steps < 1):
         raise ValueError(f"lr_schedule='cosine' needs total_steps >= 1, got {total_steps}")
-    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -118,6 +109,21 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, wa
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                   betas=(0.9, 0.999), lr_schedule: str = "constant", total_steps: int | None = None):
+    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` and a LambdaLR of ``lr_factor``: linear
+    warmup, then the rate held (``lr_schedule="constant"``) or decayed to 0 at ``total_steps`` (``"cosine"``)."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    factor = lr_factor(warmup_steps, lr_schedule, total_steps)
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
