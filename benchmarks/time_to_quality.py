@@ -7,7 +7,9 @@ class-balanced samples from seed 0, and scored by ``minidiff.eval.evaluation.eva
 classifier-FID of the shipped Fashion-MNIST classifier). The clock counts training only: evaluations, model
 set-up and checkpoint loading between chunks are not on it. A recipe stops at the first evaluation with accuracy
 >= ``--threshold``, or when its budget is spent; the time to quality is the training time of that evaluation, so
-it is known to within one evaluation interval.
+it is known to within one evaluation interval. The table also reads the times to the lower accuracies of ``--also``
+(default 80%) off the same evaluations, so that recipes that all miss the threshold in the budget still compare;
+``--from-json`` reprints the table of a saved run with other thresholds, without training.
 
 Recipes (same 60,000 training images, batches of 64 drawn with replacement, no augmentation):
 
@@ -221,38 +223,56 @@ def race(recipe: str, run, args) -> list[dict]:
         mark = min(budget, (math.floor(run.seconds / every) + 1) * every)
 
 
-def summarize(rows: list[dict], threshold: float, minutes: float) -> dict:
-    """A recipe's first evaluation at accuracy >= threshold (or its best one), and its overall img/s."""
+def first_minutes(rows: list[dict], threshold: float) -> float | None:
+    """Training minutes of a recipe's first evaluation at accuracy >= threshold (None: never)."""
+    return next((r["train_minutes"] for r in rows if r["accuracy"] >= threshold), None)
+
+
+def summarize(rows: list[dict], threshold: float, minutes: float, also: tuple = ()) -> dict:
+    """A recipe's first evaluation at accuracy >= threshold (or its best one), and its overall img/s; ``also``:
+    lower thresholds read off the same evaluations (the race stops only at ``threshold``)."""
     hit = next((r for r in rows if r["accuracy"] >= threshold), None)
     best = max(rows, key=lambda r: r["accuracy"])
     last = rows[-1]
     return {"recipe": rows[0]["recipe"], "reached": hit is not None,
             "minutes": hit["train_minutes"] if hit else None, "step": (hit or last)["step"],
             "img_s": last["img_s"], "best_accuracy": best["accuracy"], "best_at_minutes": best["train_minutes"],
-            "budget_minutes": minutes}
+            "budget_minutes": minutes, "minutes_to": {f"{a:g}": first_minutes(rows, a) for a in also}}
+
+
+def _ratio_lines(by_name: dict, label: str, minutes_of, budget: float) -> list[str]:
+    """``time to <label>, other / flow`` for eps and diffusers, or n/a naming who did not get there."""
+    out = []
+    for other in (name for name in ("eps", "diffusers") if name in by_name and "flow" in by_name):
+        a, b = minutes_of(by_name[other]), minutes_of(by_name["flow"])
+        if a is not None and b is not None:
+            out.append(f"time to {label}, {other} / flow: {a / b:.2f}x")
+        else:
+            missing = " and ".join(n for n, m in ((other, a), ("flow", b)) if m is None)
+            out.append(f"time to {label}, {other} / flow: n/a ({missing} did not reach {label} in {budget:g} min)")
+    return out
 
 
 def table(summaries: list[dict], threshold: float) -> str:
-    """Markdown: one row per recipe, then the time-to-quality ratios against flow."""
+    """Markdown: one row per recipe, then the time-to-quality ratios against flow (and at each lower threshold
+    of the summaries' ``minutes_to``)."""
     pct = f"{100 * threshold:g}%"
-    out = [f"| recipe | minutes to >= {pct} | steps | img/s |", "|---|---|---|---|"]
+    also = list(summaries[0].get("minutes_to", {})) if summaries else []
+    out = [f"| recipe | minutes to >= {pct} | steps | img/s |" + "".join(f" min to >= {100 * float(a):g}% |"
+                                                                      for a in also),
+           "|---|---|---|---|" + "---|" * len(also)]
     for s in summaries:
         when = (f"{s['minutes']:.1f}" if s["reached"] else
                 f"not reached in {s['budget_minutes']:g} min; best acc {100 * s['best_accuracy']:.1f}% "
                 f"at {s['best_at_minutes']:.1f} min")
-        out.append(f"| {s['recipe']} | {when} | {s['step']} | {s['img_s']:.1f} |")
+        extra = "".join(" - |" if s["minutes_to"][a] is None else f" {s['minutes_to'][a]:.1f} |" for a in also)
+        out.append(f"| {s['recipe']} | {when} | {s['step']} | {s['img_s']:.1f} |" + extra)
     by_name = {s["recipe"]: s for s in summaries}
-    others = [name for name in ("eps", "diffusers") if name in by_name and "flow" in by_name]
-    out += [""] if others else []
-    for other in others:
-        a, b = by_name[other], by_name["flow"]
-        if a["reached"] and b["reached"]:
-            out.append(f"time to {pct}, {other} / flow: {a['minutes'] / b['minutes']:.2f}x")
-        else:
-            missing = " and ".join(s["recipe"] for s in (a, b) if not s["reached"])
-            out.append(f"time to {pct}, {other} / flow: n/a ({missing} did not reach {pct} in "
-                       f"{a['budget_minutes']:g} min)")
-    return "\n".join(out)
+    budget = summaries[0]["budget_minutes"] if summaries else 0
+    lines = _ratio_lines(by_name, pct, lambda s: s["minutes"], budget)
+    for a in also:
+        lines += _ratio_lines(by_name, f"{100 * float(a):g}%", lambda s, a=a: s["minutes_to"][a], budget)
+    return "\n".join(out + ([""] if lines else []) + lines)
 
 
 def run_recipe(recipe: str, work_dir: Path, data, device: torch.device, args) -> list[dict]:
@@ -272,6 +292,9 @@ def main(argv=None) -> dict:
     p.add_argument("--minutes", type=float, default=60.0, help="training budget of each recipe (wall clock)")
     p.add_argument("--eval-every-min", type=float, default=5.0, help="minutes of training between evaluations")
     p.add_argument("--threshold", type=float, default=0.9, help="class accuracy that counts as reached")
+    p.add_argument("--also", type=float, nargs="*", default=[0.8], help="lower accuracies whose times the table "
+                   "also reads off the same evaluations (the race stops only at --threshold)")
+    p.add_argument("--from-json", default=None, help="print the table of a saved --out JSON (no training)")
     p.add_argument("--n", type=int, default=300, help="samples per evaluation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: minidiff.utils.get_device())")
@@ -280,6 +303,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.eval_every_min <= 0:
         raise ValueError(f"--minutes and --eval-every-min must be > 0, got {args.minutes} and {args.eval_every_min}")
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        budget = saved["settings"]["minutes"]
+        per_recipe = {}
+        for row in saved["evaluations"]:
+            per_recipe.setdefault(row["recipe"], []).append(row)
+        summaries = [summarize(r, args.threshold, budget, tuple(args.also)) for r in per_recipe.values()]
+        print(table(summaries, args.threshold))
+        return {**saved, "summaries": summaries}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
@@ -289,7 +321,7 @@ def main(argv=None) -> dict:
         work_dir = Path(args.work_dir) if args.work_dir else Path(tmp)
         for recipe in args.recipes:
             rows.append(run_recipe(recipe, work_dir, data, device, args))
-    summaries = [summarize(r, args.threshold, args.minutes) for r in rows]
+    summaries = [summarize(r, args.threshold, args.minutes, tuple(args.also)) for r in rows]
     print(table(summaries, args.threshold))
     result = {"settings": {**vars(args), "sampler": "dpmpp_2m", "steps": 20, "spacing": "trailing", "guidance": 1.0,
                            "seed": 0, "batch_size": BATCH_SIZE,

@@ -64,6 +64,27 @@ def test_time_to_quality_table_reports_ratios_and_misses():
     assert "| diffusers | not reached in 30 min; best acc 60.0% at 30.0 min | 3000 | 50.0 |" in text
     assert "time to 90%, eps / flow: 2.00x" in text
     assert "time to 90%, diffusers / flow: n/a (diffusers did not reach 90% in 30 min)" in text
+    assert "min to >=" not in text  # no lower thresholds asked for: no extra columns
+
+
+def test_time_to_quality_reads_lower_thresholds_off_the_same_evaluations(tmp_path, capsys):
+    ttq = _load("time_to_quality")
+    rows = {"flow": [(5.0, 0.76), (10.0, 0.85)], "eps": [(5.0, 0.6), (10.0, 0.7), (15.0, 0.8)],
+            "diffusers": [(5.0, 0.3), (15.0, 0.5)]}
+    evaluations = [{"recipe": name, "train_minutes": m, "step": 100 * int(m), "accuracy": a, "img_s": 50.0}
+                   for name, evals in rows.items() for m, a in evals]
+    saved = tmp_path / "ttq.json"
+    saved.write_text(json.dumps({"settings": {"minutes": 15.0}, "evaluations": evaluations}))
+    result = ttq.main(["--from-json", str(saved), "--also", "0.8", "0.75"])
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "| recipe | minutes to >= 90% | steps | img/s | min to >= 80% | min to >= 75% |"
+    assert "| flow | not reached in 15 min; best acc 85.0% at 10.0 min | 1000 | 50.0 | 10.0 | 5.0 |" in text
+    assert "| diffusers | not reached in 15 min; best acc 50.0% at 15.0 min | 1500 | 50.0 | - | - |" in text
+    assert "time to 80%, eps / flow: 1.50x" in text and "time to 75%, eps / flow: 3.00x" in text
+    assert "time to 90%, eps / flow: n/a (eps and flow did not reach 90% in 15 min)" in text
+    assert "time to 80%, diffusers / flow: n/a (diffusers did not reach 80% in 15 min)" in text
+    assert [s["minutes_to"] for s in result["summaries"]] == [{"0.8": 10.0, "0.75": 5.0}, {"0.8": 15.0, "0.75": 15.0},
+                                                              {"0.8": None, "0.75": None}]
 
 
 def test_diffusers_adapter_is_the_eps_row_of_the_table(gen):
