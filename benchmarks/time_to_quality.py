@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -220,7 +219,9 @@ def race(recipe: str, run, args) -> list[dict]:
         rows.append(row)
         if row["accuracy"] >= args.threshold or mark >= budget or run.seconds >= budget:
             return rows
-        mark = min(budget, (math.floor(run.seconds / every) + 1) * every)
+        # The next mark is one interval on from this one, not from the clock: a chunk planned from the throughput
+        # can stop a few seconds short of its mark, and re-aiming at that mark would evaluate it again and again.
+        mark = min(budget, mark + every)
 
 
 def first_minutes(rows: list[dict], threshold: float) -> float | None:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,6 +86,25 @@ def test_time_to_quality_reads_lower_thresholds_off_the_same_evaluations(tmp_pat
     assert "time to 80%, diffusers / flow: n/a (diffusers did not reach 80% in 15 min)" in text
     assert [s["minutes_to"] for s in result["summaries"]] == [{"0.8": 10.0, "0.75": 5.0}, {"0.8": 15.0, "0.75": 15.0},
                                                               {"0.8": None, "0.75": None}]
+
+
+def test_race_evaluates_once_per_interval_when_chunks_stop_short(monkeypatch):
+    ttq = _load("time_to_quality")
+
+    class ShortRun:  # every chunk stops 5 s short of the time asked for, as a throughput-planned chunk can
+        seconds, step = 0.0, 0
+
+        def train_until(self, seconds):
+            if self.seconds < seconds:
+                self.seconds, self.step = max(self.seconds + 1, seconds - 5), self.step + 1
+
+        def denoiser(self):
+            return None
+
+    monkeypatch.setattr(ttq, "evaluate", lambda *a, **k: {"class_accuracy": 0.5, "fid": 1.0, "fid_floor": 0.5})
+    args = SimpleNamespace(minutes=20, eval_every_min=5, n=10, threshold=0.9)
+    rows = ttq.race("flow", ShortRun(), args)
+    assert [round(r["train_minutes"] * 60) for r in rows] == [295, 595, 895, 1195]
 
 
 def test_diffusers_adapter_is_the_eps_row_of_the_table(gen):
