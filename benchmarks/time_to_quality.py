@@ -234,10 +234,9 @@ def summarize(rows: list[dict], threshold: float, minutes: float, also: tuple = 
     lower thresholds read off the same evaluations (the race stops only at ``threshold``)."""
     hit = next((r for r in rows if r["accuracy"] >= threshold), None)
     best = max(rows, key=lambda r: r["accuracy"])
-    last = rows[-1]
     return {"recipe": rows[0]["recipe"], "reached": hit is not None,
-            "minutes": hit["train_minutes"] if hit else None, "step": (hit or last)["step"],
-            "img_s": last["img_s"], "best_accuracy": best["accuracy"], "best_at_minutes": best["train_minutes"],
+            "minutes": first_minutes(rows, threshold), "step": (hit or rows[-1])["step"],
+            "img_s": rows[-1]["img_s"], "best_accuracy": best["accuracy"], "best_at_minutes": best["train_minutes"],
             "budget_minutes": minutes, "minutes_to": {f"{a:g}": first_minutes(rows, a) for a in also}}
 
 
