@@ -262,6 +262,8 @@ def test_text_train_config_refuses_bad_values():
         TextTrainConfig(steps=-1)
     with pytest.raises(ValueError, match="encoder='clip' needs a trained tiny CLIP"):
         build_text_net(TextTrainConfig(encoder="clip"))
+    with pytest.raises(ValueError, match="lr_schedule must be one of \\['constant', 'cosine'\\], got 'linear'"):
+        TextTrainConfig(lr_schedule="linear")
 
 
 
@@ -331,6 +333,35 @@ def test_resume_refuses_a_changed_config(runs, train_data):
         train_text(_config(lr=2e-3, steps=7), runs["root"] / "resumed", resume=True, **runs["kw"])
     with pytest.raises(ValueError, match="p_uncond"):
         train_text(_config(p_uncond=0.5, steps=7), runs["root"] / "resumed", resume=True, **runs["kw"])
+
+
+def test_cosine_lr_schedule_decays_to_zero_at_the_last_step():
+    rates = {}
+    for schedule in ("constant", "cosine"):
+        run = text_module._setup(_config(lr_schedule=schedule, steps=10, warmup=2), torch.device("cpu"), None)
+        rates[schedule] = []
+        for _ in range(10):
+            rates[schedule].append(run["optimizer"].param_groups[0]["lr"])
+            run["optimizer"].step()
+            run["scheduler"].step()
+        rates[schedule].append(run["optimizer"].param_groups[0]["lr"])
+    assert rates["constant"][2:] == [1e-3] * 9
+    assert rates["cosine"][:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and rates["cosine"][-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(rates["cosine"][2:], rates["cosine"][3:]))  # strictly down after warmup
+
+
+def test_resume_reads_an_older_checkpoint_without_lr_schedule(runs, tmp_path):
+    """A checkpoint written before ``lr_schedule`` existed resumes as the default ("constant")."""
+    tensors, meta = read_safetensors(runs["root"] / "full" / "checkpoint.safetensors")
+    config = json.loads(meta["config"])
+    del config["train"]["lr_schedule"]
+    meta["config"] = json.dumps(config)
+    meta.pop("sha256", None)
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    write_safetensors(run_dir / "checkpoint.safetensors", tensors, meta)
+    out = train_text(_config(steps=7), run_dir, resume=True, **runs["kw"])
+    assert out["step"] == 7 and len(out["losses"]) == 7
 
 
 def test_train_text_refuses_mismatched_data(tmp_path, train_data):

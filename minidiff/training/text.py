@@ -40,7 +40,7 @@ from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training.checkpoint import (TEXT_MODEL_FORMAT, checkpoint_config, load_checkpoint, load_text_model,
                                           save_checkpoint)
 from minidiff.training.rundir import acquire_lock, check_out_dir
-from minidiff.training.steps import EMA, _check_finite_step, make_optimizer
+from minidiff.training.steps import EMA, LR_SCHEDULES, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
 
 __all__ = ["HELD_OUT", "ENCODERS", "TextTrainConfig", "held_out_mask", "shapes64_text_latents", "build_text_net",
@@ -67,6 +67,7 @@ class TextTrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
+    lr_schedule: str = "constant"  # or "cosine": decayed to 0 at `steps` (steps.lr_factor)
     ema_decay: float = 0.999
     p_uncond: float = 0.1  # caption dropout; 0.5 is known to make a model ignore its prompts
     max_grad_norm: float = 1.0
@@ -86,6 +87,8 @@ class TextTrainConfig:
         for name in ("steps", "batch_size", "ckpt_every", "sample_every", "encoder_layers", "encoder_dim", "T"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'steps' else 1}, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
         replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
@@ -150,7 +153,8 @@ def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, d
 def _setup(config: TextTrainConfig, device, clip) -> dict:
     torch.manual_seed(config.seed)
     net = build_text_net(config, clip=clip).to(device)
-    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup)
+    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup,
+                                          lr_schedule=config.lr_schedule, total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
             "generators": gens, "alphas_cumprod": alphas_cumprod_from_betas(make_betas(config.schedule, config.T)),
@@ -160,7 +164,9 @@ def _setup(config: TextTrainConfig, device, clip) -> dict:
 def _resume(path: Path, config: TextTrainConfig, run: dict) -> None:
     saved = checkpoint_config(path)["train"]
     mine = json.loads(json.dumps(asdict(config)))
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in config.RESUMABLE and saved.get(k) != v}
+    defaults = json.loads(json.dumps(asdict(TextTrainConfig())))  # a key older checkpoints lack had its default
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
+            if k not in config.RESUMABLE and saved.get(k, defaults[k]) != v}
     if diff:
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],
@@ -279,6 +285,8 @@ def main(argv=None) -> None:
     tr.add_argument("--init", default=None, help="fine-tune this text model file (e.g. the shipped shapes64-text)")
     tr.add_argument("--lr", type=float, default=TextTrainConfig.lr)
     tr.add_argument("--warmup", type=int, default=TextTrainConfig.warmup)
+    tr.add_argument("--lr-schedule", default=TextTrainConfig.lr_schedule, choices=LR_SCHEDULES,
+                    help="constant after warmup, or a half cosine down to 0 at --steps")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--device", default=None)
     cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
@@ -315,7 +323,7 @@ def main(argv=None) -> None:
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
-                             lr=args.lr, warmup=args.warmup)
+                             lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule)
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))
