@@ -252,6 +252,19 @@ def test_held_out_mask_is_about_pairs_in_either_slot():
     assert held_out_mask(torch.stack(list(pick.values()))).tolist() == [True, True, False, False]
 
 
+def test_fine_tune_may_add_the_position_code_and_nothing_else(tmp_path):
+    denoiser = _text_denoiser()
+    path = save_text_model(tmp_path / "m.safetensors", denoiser)
+    grown = build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [1, 2], "attn_pos": True}))
+    assert grown.unet.config.attn_pos and not denoiser.net.unet.config.attn_pos
+    assert torch.equal(_outputs(Denoiser(grown.eval(), AB, "v")), _outputs(denoiser))  # it starts where it was
+    assert not build_text_net(TextTrainConfig(init=str(path))).unet.config.attn_pos
+    with pytest.raises(ValueError, match=r"can gain only \['attn_pos'\], got changes to \['attn_levels'\]"):
+        build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [2]}))
+    saved = save_text_model(tmp_path / "g.safetensors", Denoiser(grown.eval(), AB, "v", image_shape=(4, 16, 16)))
+    assert load_text_model(saved).net.unet.config.attn_pos  # the option travels in the file's spec
+
+
 def test_text_train_config_refuses_bad_values():
     with pytest.raises(ValueError, match="encoder must be one of \\['joint', 'pooled', 'clip'\\], got 'bert'"):
         TextTrainConfig(encoder="bert")

@@ -236,3 +236,53 @@ def test_same_function_as_diffusers_unet2dmodel(gen, overrides):
     theirs = bench.diffusers_twin(cfg, 28)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert bench.max_abs_difference(ours, theirs, 28) < 1e-4
+
+
+# ---------------------------------------------------------------- the 2-D position code in attention (attn_pos)
+
+def test_sincos_2d_codes_places_not_levels():
+    from minidiff.models.attention import sincos_2d
+    fine, coarse = sincos_2d(8, 8, 16), sincos_2d(4, 4, 16)
+    assert fine.shape == (64, 16) and coarse.shape == (16, 16)
+    assert len({tuple(r) for r in fine.tolist()}) == 64  # every pixel its own code
+    # rows first; the first feature is sin(pi y) of the row centre
+    assert fine[0, 0].item() == pytest.approx(torch.sin(torch.tensor(torch.pi / 16)).item(), abs=1e-6)
+    assert torch.equal(fine[:8, :8], fine[:8, :8][0].expand(8, 8))  # the y half is constant along a row
+    # a place is a fraction of the side, whatever the level: the centre pixels of 3x3 and 5x5 grids code alike
+    assert torch.allclose(sincos_2d(3, 3, 16)[4], sincos_2d(5, 5, 16)[12], atol=1e-6)
+    assert not torch.allclose(sincos_2d(3, 3, 16)[0], sincos_2d(5, 5, 16)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="dim must be a multiple of 4, got 6"):
+        sincos_2d(4, 4, 6)
+
+
+def test_attn_pos_starts_as_the_identity_and_then_tells_places_apart(gen):
+    base = make_net(gen, "context")
+    x = torch.randn(2, 2, 16, 16, generator=gen)
+    kw = cond_kwargs("context", 2, gen)
+    t = torch.tensor([3.0, 600.0])
+    grown = unet_module.grow_unet(base, attn_pos=True)
+    assert grown.config.attn_pos and not base.config.attn_pos
+    blocks = sum(isinstance(m, unet_module.AttentionBlock) for m in grown.modules())
+    assert blocks == 7 and sum(".pos_proj." in k for k in grown.state_dict()) == 2 * blocks  # weight + bias each
+    assert torch.equal(grown(x, t, **kw), base(x, t, **kw))  # zero-initialised: the trained function, exactly
+    with torch.no_grad():
+        for name, p in grown.named_parameters():
+            if ".pos_proj." in name:
+                p.normal_(0, 0.5, generator=gen)
+    assert not torch.allclose(grown(x, t, **kw), base(x, t, **kw), atol=1e-3)  # the code now reaches the output
+
+
+def test_grow_unet_refuses_changes_that_would_reinterpret_trained_weights(gen):
+    base = make_net(gen)
+    assert unet_module.grow_unet(base) is base
+    assert unet_module.grow_unet(base, attn_levels=[1, 2]) is base  # the same value, as a list
+    with pytest.raises(ValueError, match=r"can gain only \['attn_pos'\], got changes to \['base_channels'\]"):
+        unet_module.grow_unet(base, base_channels=16)
+
+
+def test_gradients_reach_the_position_code(gen):
+    net = make_net(gen, "context", attn_pos=True)
+    net(torch.randn(2, 2, 16, 16, generator=gen), torch.tensor([3.0, 600.0]),
+        **cond_kwargs("context", 2, gen)).square().mean().backward()
+    grads = [p.grad for n, p in net.named_parameters() if ".pos_proj." in n]
+    assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -31,7 +31,7 @@ Training recipe on CUDA (bf16 autocast + channels_last; the same code runs uncha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from minidiff.models.attention import AttentionBlock
 from minidiff.models.layers import Downsample, ResBlock, Upsample, timestep_embedding
 from minidiff.utils import check_tensor
 
-__all__ = ["UNetConfig", "UNet", "PRESETS", "unet_from_preset"]
+__all__ = ["UNetConfig", "UNet", "PRESETS", "unet_from_preset", "grow_unet", "GROWABLE"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +62,7 @@ class UNetConfig:
     context_dim: int | None = None  # D of a context sequence (B, L, D) for cross-attention
     scale_shift: bool = False  # AdaGN time conditioning (Dhariwal & Nichol 2021) instead of adding
     zero_init: bool = True  # zero the last conv of each ResBlock and each attention output (ADM, EDM; measured)
+    attn_pos: bool = False  # a 2-D position code in every attention block (AttentionBlock's ``position``)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -134,7 +135,8 @@ class UNet(nn.Module):
     def _attn(self, ch: int) -> AttentionBlock:
         """An AttentionBlock configured from self.config."""
         c = self.config
-        return AttentionBlock(ch, num_heads=c.num_heads, num_groups=c.num_groups, context_dim=c.context_dim)
+        return AttentionBlock(ch, num_heads=c.num_heads, num_groups=c.num_groups, context_dim=c.context_dim,
+                              position=c.attn_pos)
 
     def _stage(self, cin: int, cout: int, level: int) -> nn.ModuleList:
         """One ResBlock, followed by an AttentionBlock at attention levels."""
@@ -263,3 +265,23 @@ def unet_from_preset(name: str, **overrides) -> UNet:
     if name not in PRESETS:
         raise KeyError(f"unknown UNet preset {name!r}; known presets: {sorted(PRESETS)}")
     return UNet(replace(PRESETS[name], **overrides))
+
+
+GROWABLE = ("attn_pos",)  # options a trained U-Net can gain: each adds parameters that start out computing nothing
+
+
+def grow_unet(unet: UNet, **overrides) -> UNet:
+    """``unet`` rebuilt with ``overrides`` of its config, every trained weight kept, for fine-tuning. Only the
+    GROWABLE options may differ from its config (the others would change what the trained weights mean); with
+    no change it returns ``unet`` itself."""
+    new = replace(unet.config, **overrides)
+    changed = sorted(k for k in asdict(new) if getattr(new, k) != getattr(unet.config, k))
+    if not changed:
+        return unet
+    if not set(changed) <= set(GROWABLE):
+        raise ValueError(f"a trained U-Net can gain only {list(GROWABLE)}, got changes to {changed}")
+    grown = UNet(new)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or not all(".pos_proj." in k for k in missing):  # a GROWABLE option that adds other weights
+        raise RuntimeError(f"grow_unet lost weights: missing {missing}, unexpected {unexpected}")
+    return grown.to(next(unet.parameters()).device)

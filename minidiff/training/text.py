@@ -34,7 +34,7 @@ from minidiff.models.clip import evaluate_clip, load_clip, save_clip, train_clip
 from minidiff.models.inpainting_net import (everything_masked, inpainting_condition, random_latent_masks,
                                             widen_for_inpainting)
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
-from minidiff.models.unet import PRESETS, unet_from_preset
+from minidiff.models.unet import PRESETS, grow_unet, unet_from_preset
 from minidiff.pipelines.text_to_image import text_to_image_latents
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training.checkpoint import (TEXT_MODEL_FORMAT, checkpoint_config, load_checkpoint, load_text_model,
@@ -120,6 +120,7 @@ def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
     model ``config.init`` names), widened to an ``InpaintingNet`` if ``config.inpainting``."""
     if config.init is not None:  # fine-tune a saved text model: its own U-Net and encoder
         net = load_text_model(config.init).net
+        net = type(net)(grow_unet(net.unet, **config.unet), net.text_encoder)
         return widen_for_inpainting(net) if config.inpainting else net
     if config.encoder == "clip":
         if clip is None:
@@ -287,6 +288,8 @@ def main(argv=None) -> None:
     tr.add_argument("--warmup", type=int, default=TextTrainConfig.warmup)
     tr.add_argument("--lr-schedule", default=TextTrainConfig.lr_schedule, choices=LR_SCHEDULES,
                     help="constant after warmup, or a half cosine down to 0 at --steps")
+    tr.add_argument("--attn-pos", action="store_true",
+                    help="a 2-D position code in the attention blocks (zero-initialised: an --init model gains it)")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--device", default=None)
     cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
@@ -323,7 +326,8 @@ def main(argv=None) -> None:
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
-                             lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule)
+                             lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
+                             unet={"attn_levels": [1, 2], **({"attn_pos": True} if args.attn_pos else {})})
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))
