@@ -75,7 +75,8 @@ class TextTrainConfig:
     sample_every: int = 1000
     sample_guidance: float = 3.0
     seed: int = 0
-    unet: dict = field(default_factory=lambda: {"attn_levels": [1, 2]})  # overrides of the "tiny" preset
+    unet: dict = field(default_factory=lambda: {"attn_levels": [1, 2]})  # overrides of the "tiny" preset; with
+    # init, of the init model's U-Net, where only models.unet.GROWABLE options may differ (grow_unet)
     inpainting: bool = False  # widen the U-Net's input by mask + masked latent (models.inpainting_net)
     init: str | None = None  # start from this text model (save_text_model's file) instead of random weights
 
