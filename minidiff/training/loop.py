@@ -27,7 +27,7 @@ from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import SCHEDULES, alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training import distributed
 from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from minidiff.training.rundir import RunLockedError, acquire_lock, check_out_dir
+from minidiff.training.rundir import RunLockedError, acquire_lock, check_out_dir, config_changes
 from minidiff.training.steps import EMA, LR_SCHEDULES, make_optimizer, train_step, validation_loss
 from minidiff.utils import get_device
 
@@ -189,10 +189,7 @@ def _setup(config: TrainConfig, data, device: torch.device) -> dict:
 def _resume(path: Path, config: TrainConfig, run: dict) -> None:
     """Load a checkpoint into ``run`` after checking it was trained with the same config."""
     saved = checkpoint_config(path)["train"]
-    mine = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the saved JSON
-    defaults = json.loads(json.dumps(asdict(TrainConfig())))  # fields added since the checkpoint was written
-    diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
-            if k not in config.RESUMABLE and saved.get(k, defaults[k]) != v}
+    diff = config_changes(saved, config)
     if diff:
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],

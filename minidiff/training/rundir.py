@@ -7,11 +7,23 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["RunLockedError", "check_out_dir", "acquire_lock"]
+__all__ = ["RunLockedError", "check_out_dir", "acquire_lock", "config_changes"]
+
+
+def config_changes(saved: dict, config) -> dict:
+    """{field: (saved, given)} for each field of the dataclass ``config`` (outside ``config.RESUMABLE``) that differs
+    from ``saved``, the checkpoint's JSON of it; a field added since the checkpoint was written counts as its
+    default. Compared as JSON, so tuples equal the lists they were saved as."""
+    mine = json.loads(json.dumps(asdict(config)))
+    defaults = json.loads(json.dumps(asdict(type(config)())))
+    return {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
+            if k not in config.RESUMABLE and saved.get(k, defaults[k]) != v}
 
 
 class RunLockedError(RuntimeError):

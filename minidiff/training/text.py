@@ -39,7 +39,7 @@ from minidiff.pipelines.text_to_image import text_to_image_latents
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training.checkpoint import (TEXT_MODEL_FORMAT, checkpoint_config, load_checkpoint, load_text_model,
                                           save_checkpoint)
-from minidiff.training.rundir import acquire_lock, check_out_dir
+from minidiff.training.rundir import acquire_lock, check_out_dir, config_changes
 from minidiff.training.steps import EMA, LR_SCHEDULES, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
 
@@ -165,10 +165,7 @@ def _setup(config: TextTrainConfig, device, clip) -> dict:
 
 def _resume(path: Path, config: TextTrainConfig, run: dict) -> None:
     saved = checkpoint_config(path)["train"]
-    mine = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(TextTrainConfig())))  # a key older checkpoints lack had its default
-    diff = {k: (saved.get(k, defaults[k]), v) for k, v in mine.items()
-            if k not in config.RESUMABLE and saved.get(k, defaults[k]) != v}
+    diff = config_changes(saved, config)
     if diff:
         raise ValueError(f"cannot resume {path}: config differs from the checkpoint's (saved, given): {diff}")
     state = load_checkpoint(path, model=run["net"], ema=run["ema"], optimizer=run["optimizer"],
