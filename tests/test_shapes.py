@@ -131,3 +131,18 @@ def test_render_a_requested_caption():
     assert _object_mask(a, S.COLORS.index("green")).any() and _object_mask(a, S.COLORS.index("purple")).any()
     c = S.render("a large green cross right of a small purple triangle", 32, generator=g1)
     assert not torch.equal(a, c)  # positions are jittered by the generator
+
+
+def test_two_object_weights_give_the_asked_share_uniformly_within_groups():
+    caps = ["a small red circle"] * 30 + ["a small red circle above a large blue square"] * 10
+    w = S.two_object_weights(caps, 0.75)
+    assert w.dtype == torch.float64 and torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.allclose(w[30:], torch.full((10,), 0.075, dtype=torch.float64))
+    assert torch.allclose(w[:30], torch.full((30,), 0.25 / 30, dtype=torch.float64))
+    for share in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="share must be in \\(0, 1\\)"):
+            S.two_object_weights(caps, share)
+    with pytest.raises(ValueError, match="needs both one- and two-object captions, got only one-object"):
+        S.two_object_weights(caps[:30], 0.5)
+    with pytest.raises(ValueError, match="word 5 should be a relation"):
+        S.two_object_weights(["a small red circle near a large blue square"], 0.5)

@@ -277,6 +277,30 @@ def test_text_train_config_refuses_bad_values():
         build_text_net(TextTrainConfig(encoder="clip"))
     with pytest.raises(ValueError, match="lr_schedule must be one of \\['constant', 'cosine'\\], got 'linear'"):
         TextTrainConfig(lr_schedule="linear")
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="two_object_share must be None or in \\(0, 1\\)"):
+            TextTrainConfig(two_object_share=share)
+
+
+def test_two_object_share_sets_what_the_batches_hold(tmp_path, train_data, monkeypatch):
+    """With ``two_object_share`` the trainer draws batches with that share of two-object captions (checked on the
+    ids the loss sees), and the run still resumes from its checkpoint."""
+    latents, captions = train_data
+    seen = []
+    real_dropout = text_module.caption_dropout
+
+    def spy(ids, mask, p, **kw):
+        seen.append(ids.clone())
+        return real_dropout(ids, mask, p, **kw)
+    monkeypatch.setattr(text_module, "caption_dropout", spy)
+    monkeypatch.setattr(text_module, "sample_prompts_grid", lambda *a, **k: None)  # not what is tested here
+    config = _config(steps=8, batch_size=48, ckpt_every=8, two_object_share=0.9)
+    train_text(config, tmp_path / "run", latents=latents, captions=captions, device="cpu", progress=False)
+    tokenizer = text_module.TransformerTextEncoder(dim=16, layers=1).tokenizer
+    two_ids = {tuple(row.tolist()) for row, c in zip(tokenizer(captions)[0], captions) if len(c.split()) > 4}
+    share = sum(tuple(r.tolist()) in two_ids for ids in seen for r in ids) / sum(len(ids) for ids in seen)
+    data_share = len([c for c in captions if len(c.split()) > 4]) / len(captions)
+    assert abs(share - 0.9) < 0.07 and abs(data_share - 0.9) > 0.2, (share, data_share)
 
 
 

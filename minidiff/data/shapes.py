@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "SHAPES", "COLORS", "SIZES", "RELATIONS", "ATTR_NAMES", "WORDS", "COLOR_RGB", "SIZE_RADIUS",
     "caption", "parse_caption", "sample_attrs", "sample_layout", "render", "render_layout", "object_box_mask",
-    "make_shapes", "ShapesDataset", "HELD_OUT", "held_out_mask",
+    "make_shapes", "ShapesDataset", "HELD_OUT", "held_out_mask", "two_object_weights",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -307,3 +307,15 @@ class ShapesDataset(Dataset):
 def make_shapes(n: int, size: int = 32, seed: int = 0, *, max_objects: int = 2):
     """(images (N, 3, size, size) in [-1, 1], captions, attrs (N, 7)): ``ShapesDataset(...).tensors()``."""
     return ShapesDataset(n, size=size, seed=seed, max_objects=max_objects).tensors()
+
+
+def two_object_weights(captions, share: float) -> torch.Tensor:
+    """Sampling weights (N,) float64 over ``captions`` under which two-object ones make up ``share`` of the draws
+    (``torch.multinomial(weights, B, replacement=True)``), one-object ones the rest, uniform within each group."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    two = torch.tensor([bool(parse_caption(c)[3] >= 0) for c in captions], dtype=torch.bool)
+    if two.all() or not two.any():
+        raise ValueError(f"share={share} needs both one- and two-object captions, got only "
+                         f"{'two' if two.all() else 'one'}-object ones")
+    return torch.where(two, share / two.sum(), (1 - share) / (~two).sum()).double()

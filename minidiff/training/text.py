@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from minidiff.data.latents import cached_latents
-from minidiff.data.shapes import HELD_OUT, ShapesDataset, caption, held_out_mask
+from minidiff.data.shapes import HELD_OUT, ShapesDataset, caption, held_out_mask, two_object_weights
 from minidiff.denoiser import Denoiser
 from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_metadata
 from minidiff.guidance import caption_dropout
@@ -70,6 +70,7 @@ class TextTrainConfig:
     lr_schedule: str = "constant"  # or "cosine": decayed to 0 at `steps` (steps.lr_factor)
     ema_decay: float = 0.999
     p_uncond: float = 0.1  # caption dropout; 0.5 is known to make a model ignore its prompts
+    two_object_share: float | None = None  # share of two-object captions per batch (None: the data's, ~0.5)
     max_grad_norm: float = 1.0
     ckpt_every: int = 250
     sample_every: int = 1000
@@ -92,6 +93,8 @@ class TextTrainConfig:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.two_object_share is not None and not 0.0 < self.two_object_share < 1.0:
+            raise ValueError(f"two_object_share must be None or in (0, 1), got {self.two_object_share}")
         replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
         if self.init is not None:  # the same: a wrong init file fails before the latents are made
             if not Path(self.init).is_file():
@@ -218,9 +221,13 @@ def _loop(config, run, out_dir, latents, captions, device, decode, progress) -> 
     net, opt, sched = run["net"], run["optimizer"], run["scheduler"]
     tokens, token_mask = net.text_encoder.tokenizer(list(captions))  # (N, L) each, tokenized once
     empty = net.text_encoder.tokenizer([""])
+    share = config.two_object_share
+    weights = None if share is None else two_object_weights(captions, share)  # oversampling the harder scenes
     bar = tqdm(range(run["start"], config.steps), initial=run["start"], total=config.steps, disable=not progress)
     for step in bar:
-        idx = torch.randint(len(latents), (config.batch_size,), generator=run["generators"]["data"])
+        g = run["generators"]["data"]
+        idx = torch.randint(len(latents), (config.batch_size,), generator=g) if weights is None else \
+            torch.multinomial(weights, config.batch_size, replacement=True, generator=g)
         ids, mask = caption_dropout(tokens[idx], token_mask[idx], config.p_uncond, empty=empty,
                                     generator=run["generators"]["data"])
         z0 = latents[idx].to(device)
@@ -286,6 +293,8 @@ def main(argv=None) -> None:
     tr.add_argument("--warmup", type=int, default=TextTrainConfig.warmup)
     tr.add_argument("--lr-schedule", default=TextTrainConfig.lr_schedule, choices=LR_SCHEDULES,
                     help="constant after warmup, or a half cosine down to 0 at --steps")
+    tr.add_argument("--two-object-share", type=float, default=None,
+                    help="share of two-object captions in each batch (default: the data's, about 0.5)")
     tr.add_argument("--attn-pos", action="store_true",
                     help="a 2-D position code in the attention blocks (zero-initialised: an --init model gains it)")
     tr.add_argument("--threads", type=int, default=None)
@@ -325,6 +334,7 @@ def main(argv=None) -> None:
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
                              lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
+                             two_object_share=args.two_object_share,
                              unet={"attn_levels": [1, 2], **({"attn_pos": True} if args.attn_pos else {})})
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
