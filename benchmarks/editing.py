@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipes = {"text": load_pipeline("shapes64-text")}
+    pipes = {"text": load_pipeline("shapes64-text-v1")}  # the base shapes64-inpaint was fine-tuned from
     if "shapes64-inpaint" in available():
         pipes["inpaint"] = load_pipeline("shapes64-inpaint")
     result = {"n": args.n, "replace": replace_table(pipes, args.n), "recolor": []}

@@ -373,8 +373,8 @@ def test_shipped_inpainting_model_keeps_the_outside_and_matches_its_base(scenes,
     from minidiff.files import WEIGHTS_DIR
     inp = pretrained.load_pipeline("shapes64-inpaint")
     card = pretrained.model_card("shapes64-inpaint")
-    text_card = json.loads((WEIGHTS_DIR / "shapes64-text.json").read_text())
-    assert inp.is_inpainting_model and card["base_model"]["sha256"] == text_card["sha256"]  # fine-tuned from the shipped
+    text_card = json.loads((WEIGHTS_DIR / "shapes64-text-v1.json").read_text())
+    assert inp.is_inpainting_model and card["base_model"]["sha256"] == text_card["sha256"]  # fine-tuned from the first text model
     images, prompts = scenes
     mask = _box_mask()
     out = inp.inpaint(prompts, images, mask, generator=_gen(2), **KW)
