@@ -1,6 +1,7 @@
 """Training the course's text-to-image model: latent diffusion with a text encoder trained jointly with the U-Net.
 
-    python -m minidiff.training.text train --out runs/shapes64-text --attn-pos --steps 12000 --threads 1
+    python -m minidiff.training.text train --out runs/shapes64-text --attn-pos --lr-schedule cosine \
+        --two-object-share 0.6 --steps 12000 --threads 1
     python -m minidiff.training.text export runs/shapes64-text minidiff/weights/shapes64-text.safetensors
 
 The data are 64x64 shapes scenes with one or two objects and their captions ("a small red circle left of a large
