@@ -38,8 +38,9 @@ from minidiff.pretrained import load
 from minidiff.training.text import TextTrainConfig, shapes64_text_latents, train_text
 
 
-def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets) -> dict:
-    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9)
+def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False) -> dict:
+    unet = {"attn_levels": [1, 2], **({"attn_pos": True} if attn_pos else {})}
+    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         result = train_text(config, out, latents=latents, captions=captions, clip=clip if encoder == "clip" else None,
@@ -58,14 +59,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--n-eval", type=int, default=200, help="prompts per set (one object, two objects)")
     parser.add_argument("--arms", default="joint,clip,pooled")
+    parser.add_argument("--attn-pos", action="store_true", help="give every arm's U-Net the 2-D position code "
+                        "before attention (UNetConfig.attn_pos, as the shipped shapes64-text has)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (and a .txt table beside it)")
     parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON files of runs with the same "
                         "steps and n-eval (one arm each) instead of training")
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        if len({(p["steps"], p["n_eval"]) for p in parts}) != 1:
-            raise SystemExit("--merge: the files differ in steps or n_eval; only runs of one budget compare")
+        if len({(p["steps"], p["n_eval"], p.get("attn_pos", False)) for p in parts}) != 1:
+            raise SystemExit("--merge: the files differ in steps, n_eval or attn_pos; only runs of one recipe compare")
         result = {**parts[0], "arms": {k: v for p in parts for k, v in p["arms"].items()},
                   "command": " ; ".join(p["command"] for p in parts)}
         return report(result, args.out)
@@ -75,8 +78,10 @@ def main(argv=None) -> None:
     sets = {"1obj": prompt_attrs(args.n_eval, objects=1, split="seen", seed=100),
             "2obj": prompt_attrs(args.n_eval, objects=2, split="seen", seed=101)}
     ceiling = {k: summarize(judge(real_images(a, seed=1), a)) for k, a in sets.items()}
-    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets) for arm in args.arms.split(",")}
-    report({"steps": args.steps, "batch_size": TextTrainConfig().batch_size, "n_eval": args.n_eval,
+    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets, args.attn_pos)
+            for arm in args.arms.split(",")}
+    report({"steps": args.steps, "attn_pos": args.attn_pos, "batch_size": TextTrainConfig().batch_size,
+            "n_eval": args.n_eval,
               "guidance": 5.0, "sampler": "dpmpp_2m 20 steps", "ceiling": ceiling, "arms": arms,
               "command": "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])},
            args.out)
@@ -85,8 +90,9 @@ def main(argv=None) -> None:
 def report(result: dict, out) -> None:
     """Print the table of ``result`` (and write it as JSON + .txt when ``out`` is given)."""
     ceiling, arms, sets = result["ceiling"], result["arms"], list(result["ceiling"])
-    lines = [f"text conditioning, {result['steps']} training steps each (batch 64), {result['n_eval']} prompts per set, "
-             f"guidance 5, dpmpp_2m 20 steps; judge = shapes attribute classifier",
+    pos = "with" if result.get("attn_pos") else "without"
+    lines = [f"text conditioning, {result['steps']} training steps each (batch 64), U-Net {pos} attn_pos, "
+             f"{result['n_eval']} prompts per set, guidance 5, dpmpp_2m 20 steps; judge = shapes attribute classifier",
              f"{'arm':8s} {'set':5s} {'shape':>6s} {'color':>6s} {'size':>6s} {'relat.':>6s} {'ALL':>6s} {'train s':>8s}"]
     for arm, row in [("ceiling", {**ceiling, "wall_s": float("nan")}), *arms.items()]:
         for k in sets:
