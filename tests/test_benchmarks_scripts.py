@@ -167,3 +167,26 @@ def test_checkpoint_quality_verdict_names_each_part_of_the_guidance_1_bar():
     assert "(>= 85%: False)" in blown and "(<= 2x: False)" in blown and "3.70x" in blown
     assert "(<= 1.5x: False)" in blown and "DPM++'s: False" in blown
     assert "bar not evaluated" in verdict([_row("ddim", 50, 1.0, 2.0, 0.9)])
+
+
+def test_guided_multistep_ablation_is_dpmpp_2m_with_nothing_off_and_ddim_with_everything_off(gen):
+    """benchmarks/guided_multistep.py's ablation of DPM-Solver++(2M) is only meaningful if its two ends are the
+    library's samplers: nothing switched off = sample_dpmpp_2m, the correction off on every step = sample_ddim."""
+    from minidiff.samplers import sample_ddim, sample_dpmpp_2m
+    from minidiff.schedules import alphas_cumprod_from_betas, cosine_betas, sampling_sigmas
+
+    ablation = _load("guided_multistep").dpmpp_2m_ablation
+    mean = torch.randn(1, 3, 4, 4, generator=gen)
+
+    def denoiser(x, sigma):  # the exact x0_hat of data N(mean, 0.25 I), a nonlinear function of sigma
+        a = 1 / torch.sqrt(1 + sigma**2)[:, None, None, None]
+        b = sigma[:, None, None, None] * a
+        return mean + 0.25 * a * (x - a * mean) / (0.25 * a**2 + b**2)
+
+    sigmas = sampling_sigmas(alphas_cumprod_from_betas(cosine_betas(1000)), 10, "trailing")
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    n_corrected = len(sigmas) - 3
+    assert torch.equal(ablation(denoiser, x, sigmas), sample_dpmpp_2m(denoiser, x, sigmas))
+    ddim_like = ablation(denoiser, x, sigmas, first_order=tuple(range(1, n_corrected + 1)))
+    torch.testing.assert_close(ddim_like, sample_ddim(denoiser, x, sigmas), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ddim_like, sample_dpmpp_2m(denoiser, x, sigmas), atol=1e-4)  # the term does something
