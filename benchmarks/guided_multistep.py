@@ -51,6 +51,7 @@ CONFIGS = [  # (sampler, steps, spacing, guidance)
 def dpmpp_2m_ablation(denoiser, x, sigmas, *, first_order=(), extra_args=None, callback=None):
     """DPM-Solver++(2M) in the VP state (as ``minidiff.samplers``), with the second-order term dropped on the step
     indices in ``first_order`` (those steps are DDIM steps). ``first_order=()`` is ``sample_dpmpp_2m``."""
+    sigmas = sigmas.to(torch.float64)  # as minidiff.samplers._prepare: the coefficients in float64
     s = sigmas.tolist()
     a, b = (t.tolist() for t in vp_coefficients(sigmas))
     cond, x0_old, h_last = dict(extra_args or {}), None, None
@@ -146,11 +147,13 @@ def main(argv=None) -> None:
             change = [float((per_image_norm(x0s[i] - x0s[i - 1]) / per_image_norm(x0s[i])).mean())
                       for i in range(1, len(x0s))]
             corr = [float(rel.mean()) for rel in rows]
-            trace[f"{name} w={w:g}"] = {"x0_change": [round(c, 3) for c in change],
+            # change[k] and corr[k] both belong to step i = k + 1 (step 0 has no previous x0_hat)
+            trace[f"{name} w={w:g}"] = {"steps": list(range(1, len(change) + 1)),
+                                         "x0_change": [round(c, 3) for c in change],
                                          "correction": [round(c, 3) for c in corr] if name == "dpmpp_2m" else None}
             print(f"  {name:<8} w={w:g}  x0 change  " + " ".join(f"{c:.3f}" for c in change))
             if name == "dpmpp_2m":
-                print(f"  {'':<8}      correction " + "      " + " ".join(f"{c:.3f}" for c in corr))
+                print(f"  {'':<8}      correction " + " ".join(f"{c:.3f}" for c in corr))
     wall = round(time.perf_counter() - t0, 1)
     print(f"\nwall time {wall} s")
     if args.out:
