@@ -57,17 +57,15 @@ def dpmpp_2m_ablation(denoiser, x, sigmas, *, first_order=(), extra_args=None, c
     cond, x0_old, h_last = dict(extra_args or {}), None, None
     for i in range(len(s) - 1):
         x0_hat = denoiser(x, x.new_full((x.shape[0],), s[i]), **cond)
-        x0_d = x0_hat
         if s[i + 1] == 0:
+            if callback is not None:
+                callback({"i": i, "x0_hat": x0_hat, "correction": None})
             return x0_hat
         h = math.log(s[i] / s[i + 1])
-        if x0_old is not None:
-            r = h_last / h
-            correction = (x0_hat - x0_old) / (2 * r)
-            if callback is not None:
-                callback({"i": i, "x0_hat": x0_hat, "correction": correction})
-            if i not in first_order:
-                x0_d = x0_hat + correction
+        correction = None if x0_old is None else (x0_hat - x0_old) / (2 * (h_last / h))
+        if callback is not None:  # correction: None on step 0 (no history) and on the last step
+            callback({"i": i, "x0_hat": x0_hat, "correction": correction})
+        x0_d = x0_hat + correction if correction is not None and i not in first_order else x0_hat
         x = (b[i + 1] / b[i]) * x + a[i + 1] * (1.0 - s[i + 1] / s[i]) * x0_d
         x0_old, h_last = x0_hat, h
     return x
@@ -101,30 +99,28 @@ def main(argv=None) -> None:
     print(f"{args.model}: {args.n} {args.objects}-object prompts (seen pairs), start noise seed {args.seed}; "
           f"threads {torch.get_num_threads()}")
     print(f"\n1. {args.objects}-object all-correct by sampler, steps, spacing and guidance w")
-    table = {}
+    table, latents = {}, {}
     for sampler, steps, spacing, w in CONFIGS:
         z = text_to_image_latents(pipe.denoiser, pipe.tokenizer, prompts, guidance=w, sampler=sampler, steps=steps,
                                   spacing=spacing, generator=torch.Generator().manual_seed(args.seed), progress=False)
         key = f"{sampler} {steps} {spacing} w={w:g}"
-        table[key] = score(z)
+        table[key], latents[key] = score(z), z
         print(f"  {key:<32} {table[key]:.3f}")
 
     print("\n2. dpmpp_2m, 10 trailing steps, w=5, with the second-order term off on some steps (those are DDIM)")
     guided, cond = guided_text_denoiser(pipe.denoiser, pipe.tokenizer, prompts, guidance=5.0)
     sigmas = sampling_sigmas(pipe.denoiser.alphas_cumprod, 10, "trailing")
     x_T = randn(shape, generator=torch.Generator().manual_seed(args.seed), device="cpu")
-    z_lib = text_to_image_latents(pipe.denoiser, pipe.tokenizer, prompts, guidance=5.0, sampler="dpmpp_2m", steps=10,
-                                  generator=torch.Generator().manual_seed(args.seed), progress=False)
     z_abl = dpmpp_2m_ablation(guided, x_T.clone(), sigmas, extra_args=cond)
-    check = float((z_lib - z_abl).abs().max())
+    check = float((latents["dpmpp_2m 10 trailing w=5"] - z_abl).abs().max())  # section 1's library run
     print(f"  check: the ablation with nothing off vs sample_dpmpp_2m, max |difference| = {check:.2e}")
     n_corr = len(sigmas) - 3  # steps 1 .. len-3 carry a correction (step 0 has no history, the last lands on x0)
-    variants = {"none off (= dpmpp_2m)": ()} | {f"off on step {i}": (i,) for i in range(1, n_corr + 1)}
-    half = n_corr // 2
-    variants |= {f"off on steps 1-{half}": tuple(range(1, half + 1)),
-                 f"off on steps {half + 1}-{n_corr}": tuple(range(half + 1, n_corr + 1)),
-                 "off on every step (= ddim)": tuple(range(1, n_corr + 1))}
-    ablation = {}
+    every, half = tuple(range(1, n_corr + 1)), n_corr // 2
+    variants = {f"off on step {i}": (i,) for i in every}
+    variants |= {f"off on steps 1-{half}": every[:half], f"off on steps {half + 1}-{n_corr}": every[half:],
+                 "off on every step (= ddim)": every}
+    ablation = {"none off (= dpmpp_2m)": score(z_abl)}
+    print(f"  {'none off (= dpmpp_2m)':<32} {ablation['none off (= dpmpp_2m)']:.3f}")
     for name, off in variants.items():
         ablation[name] = score(dpmpp_2m_ablation(guided, x_T.clone(), sigmas, first_order=off, extra_args=cond))
         print(f"  {name:<32} {ablation[name]:.3f}")
@@ -134,19 +130,14 @@ def main(argv=None) -> None:
     sub = slice(0, args.n_trace)
     for w in (1.0, 5.0):
         g_w, c_w = guided_text_denoiser(pipe.denoiser, pipe.tokenizer, prompts[sub], guidance=w)
-        for name, off in (("ddim", tuple(range(1, n_corr + 1))), ("dpmpp_2m", ())):
-            rows = []
-            def record(d, rows=rows):
-                rows.append(per_image_norm(d["correction"]) / per_image_norm(d["x0_hat"]))
-            x0s = []
-            def keep(x, sigma, **kw):
-                out = g_w(x, sigma, **kw)
-                x0s.append(out)
-                return out
-            dpmpp_2m_ablation(keep, x_T[sub].clone(), sigmas, first_order=off, extra_args=c_w, callback=record)
+        for name, off in (("ddim", every), ("dpmpp_2m", ())):
+            steps = []  # the callback's dict of every step
+            dpmpp_2m_ablation(g_w, x_T[sub].clone(), sigmas, first_order=off, extra_args=c_w, callback=steps.append)
+            x0s = [d["x0_hat"] for d in steps]
             change = [float((per_image_norm(x0s[i] - x0s[i - 1]) / per_image_norm(x0s[i])).mean())
                       for i in range(1, len(x0s))]
-            corr = [float(rel.mean()) for rel in rows]
+            corr = [float((per_image_norm(d["correction"]) / per_image_norm(d["x0_hat"])).mean())
+                    for d in steps if d["correction"] is not None]
             # change[k] and corr[k] both belong to step i = k + 1 (step 0 has no previous x0_hat)
             trace[f"{name} w={w:g}"] = {"steps": list(range(1, len(change) + 1)),
                                          "x0_change": [round(c, 3) for c in change],
