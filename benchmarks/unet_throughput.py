@@ -5,12 +5,15 @@ The two models are timed alternately (A, B, A, B, ...) in one process after a wa
 in machine load hits both; the table prints every round and the median of the per-round ratios.
 ``--setups`` names the setups timed (``SETUPS``: float32, bf16 autocast, channels_last, torch.compile, timed
 after its compiling warmup, and combinations); the default is fp32 and, on CUDA, bf16_channels_last.
+``--batch`` takes several sizes (the larger-batch sweep); every setup is timed at each. (Fused GroupNorm+SiLU
+is timed on its own by benchmarks/gn_silu.py.)
 ``--models minidiff`` times minidiff alone (where diffusers is not installed); ``--out`` appends one JSON
 line per setup (the medians), for scripts such as benchmarks/gpu_run.sh.
 
     python benchmarks/unet_throughput.py                      # tiny preset, 28x28, batch 64, CPU
     python benchmarks/unet_throughput.py --preset cifar --size 32 --batch 128 --device cuda
     python benchmarks/unet_throughput.py --device cuda --setups fp32 bf16 channels_last compile --out /tmp/t.jsonl
+    python benchmarks/unet_throughput.py --batch 32 64 128 256 --threads 2   # the larger-batch sweep
 """
 from __future__ import annotations
 
@@ -181,18 +184,18 @@ def build_models(args) -> dict:
     return models
 
 
-def compare(args, device: torch.device, *, bf16=False, channels_last=False, compile=False) -> dict:
+def compare(args, device: torch.device, *, batch: int, bf16=False, channels_last=False, compile=False) -> dict:
     """Time the models alternately, round by round; returns the medians (img/s, img/CPU-s, and the ratio)."""
     models = build_models(args)
     calls = {"minidiff": lambda m, x, t: m(x, t), "diffusers": lambda m, x, t: m(x, t).sample}
-    steps = {k: make_step(m, calls[k], batch=args.batch, channels=PRESETS[args.preset].in_channels, size=args.size,
+    steps = {k: make_step(m, calls[k], batch=batch, channels=PRESETS[args.preset].in_channels, size=args.size,
                           device=device, bf16=bf16, channels_last=channels_last, compile=compile)
              for k, m in models.items()}
     for step in steps.values():
         for _ in range(args.warmup):  # with --compile the first warmup step compiles
             step()
     name = setup_name(bf16, channels_last, compile)
-    print(f"\n{name} on {device}, batch {args.batch}, {args.size}x{args.size}, {args.steps} steps per round")
+    print(f"\n{name} on {device}, batch {batch}, {args.size}x{args.size}, {args.steps} steps per round")
     two = len(steps) == 2
     print(f"{'round':>5} | " + " ".join(f"{'img/s: ' + k:>15}" for k in steps) + (f" {'ratio':>6}" if two else "")
           + " | " + " ".join(f"{'img/CPU-s: ' + k:>19}" for k in steps) + (f" {'ratio':>6}" if two else ""))
@@ -200,7 +203,7 @@ def compare(args, device: torch.device, *, bf16=False, channels_last=False, comp
     cpu_rates = {k: [] for k in steps}
     for r in range(args.rounds):
         for k, step in steps.items():
-            wall, cpu = images_per_s(step, args.steps, args.batch, device)
+            wall, cpu = images_per_s(step, args.steps, batch, device)
             rates[k].append(wall)
             cpu_rates[k].append(cpu)
         last = {k: v[-1] for k, v in rates.items()}
@@ -209,7 +212,7 @@ def compare(args, device: torch.device, *, bf16=False, channels_last=False, comp
         ratio_cpu = f" {last_cpu['minidiff'] / last_cpu['diffusers']:>6.2f}" if two else ""
         print(f"{r:>5} | " + " ".join(f"{v:>15.1f}" for v in last.values()) + ratio + " | "
               + " ".join(f"{v:>19.1f}" for v in last_cpu.values()) + ratio_cpu)
-    result = {"preset": args.preset, "size": args.size, "batch": args.batch, "device": str(device), "setup": name,
+    result = {"preset": args.preset, "size": args.size, "batch": batch, "device": str(device), "setup": name,
               "img_s": {k: statistics.median(v) for k, v in rates.items()},
               "img_cpu_s": {k: statistics.median(v) for k, v in cpu_rates.items()}, "ratio": None}
     if two:
@@ -225,7 +228,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="one or more batch sizes (a sweep)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
@@ -243,11 +246,14 @@ def main():
     print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs{load}, preset {args.preset!r}")
     setups = args.setups or ["fp32"] + (["bf16_channels_last"] if device.type == "cuda" else [])
-    for setup in setups:
-        result = compare(args, device, **SETUPS[setup])
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+    if min(args.batch) < 1:
+        p.error(f"--batch sizes must be >= 1, got {args.batch}")
+    for batch in args.batch:
+        for setup in setups:
+            result = compare(args, device, batch=batch, **SETUPS[setup])
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

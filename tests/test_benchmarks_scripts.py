@@ -1,6 +1,7 @@
 """The benchmark scripts of issue 19 run end to end on tiny budgets: benchmarks/time_to_quality.py (a table row and
 JSON evaluations of numbers), benchmarks/gpu_run.sh in its CPU smoke mode (exit 0, every result file written); the
-time-to-quality report's arithmetic on made-up summaries; the diffusers adapter against the eps formula."""
+time-to-quality report's arithmetic on made-up summaries; the diffusers adapter against the eps formula; the
+GroupNorm-SiLU pairs benchmarks/gn_silu.py finds and times."""
 import importlib.util
 import json
 import math
@@ -190,3 +191,31 @@ def test_guided_multistep_ablation_is_dpmpp_2m_with_nothing_off_and_ddim_with_ev
     ddim_like = ablation(denoiser, x, sigmas, first_order=tuple(range(1, n_corrected + 1)))
     torch.testing.assert_close(ddim_like, sample_ddim(denoiser, x, sigmas), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ddim_like, sample_dpmpp_2m(denoiser, x, sigmas), atol=1e-4)  # the term does something
+
+
+def test_gn_silu_finds_every_groupnorm_silu_pair_and_times_the_variants(tmp_path):
+    bench = _load("gn_silu")
+    from minidiff.models.layers import ResBlock
+    from minidiff.models.unet import PRESETS, UNet
+
+    net = UNet(PRESETS["tiny"])
+    shapes = bench.pair_shapes(net, 2, 8)
+    n_res = sum(isinstance(m, ResBlock) for m in net.modules())
+    assert sum(shapes.values()) == 2 * n_res + 1  # norm1 and norm2 of each ResBlock, and norm_out
+    assert all(s[0] == 2 and s[4] == PRESETS["tiny"].num_groups for s in shapes)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    want = torch.autograd.grad(bench.separate(x, 8, w, b).square().sum(), (x, w, b))
+    got = torch.autograd.grad(bench.recompute(x, 8, w, b).square().sum(), (x, w, b))
+    assert all(torch.allclose(a, c, atol=1e-6) for a, c in zip(got, want))
+
+    out = tmp_path / "gn.json"
+    run = subprocess.run([sys.executable, str(BENCH / "gn_silu.py"), "--batch", "2", "--size", "8", "--rounds", "1",
+                          "--reps", "1", "--variants", "recompute", "--out", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert sum(r["count"] for r in result["rows"]) == 2 * n_res + 1
+    assert set(result["ratio_to_separate"]) == {"separate", "recompute"}
+    assert _is_number(result["share"]) and 0 < result["share"] < 1
+    assert "of it" in run.stdout
