@@ -1,13 +1,15 @@
 """Does fusing GroupNorm and SiLU pay? Timed at the shapes the U-Net's GroupNorm-SiLU pairs really see.
 
 Every ResBlock computes SiLU(GroupNorm(x)) twice before a convolution (minidiff.models.layers.ResBlock, after
-Ho et al. 2020, App. B), and the U-Net once more before its output conv. Issue 19 asks whether fusing the pair
+Ho et al. 2020, App. B; with ``scale_shift`` its second norm is modulated before the SiLU, so only the first
+counts), and the U-Net once more before its output conv. Issue 19 asks whether fusing the pair
 speeds training. Three ways to compute the pair, forward and backward:
 
 - ``separate``: ``F.silu(F.group_norm(x))``, what the library does: two kernels, the GroupNorm output kept for
   SiLU's backward;
-- ``compiled``: the same function through ``torch.compile`` (inductor emits one fused kernel for the forward
-  and one for the backward);
+- ``compiled``: the same function through ``torch.compile`` (inductor generates the pair's forward and backward
+  as its own fused C++ loops); each pair is compiled and called alone, so the per-call overhead of a compiled
+  function is inside its time, which fusion inside a whole compiled model would not pay;
 - ``recompute``: one ``torch.autograd.Function`` that keeps only x and recomputes GroupNorm in its backward: the
   memory side of fusion (gradient checkpointing, Chen et al. 2016, applied to one pair).
 
@@ -15,7 +17,8 @@ speeds training. Three ways to compute the pair, forward and backward:
 SiLU's backward, so it allocates as much and copies once more.)
 
 The shapes come from forward hooks on a real U-Net of ``--preset`` at ``--batch`` and ``--size``. The variants are
-timed alternately, round after round, and the script prints the median milliseconds per shape, the sum over
+timed alternately, round after round, each call a forward and a backward with one fixed dense output gradient
+(``torch.autograd.grad``, nothing accumulated), and the script prints the median milliseconds per shape, the sum over
 every pair of one training step (each shape times its count), the ratio separate / variant (above 1 = the
 variant is faster), and the pairs' share of one whole training step (forward, MSE, backward, AdamW), which
 bounds what any fusion can save.
@@ -69,33 +72,46 @@ VARIANTS = {"separate": lambda: separate, "compiled": lambda: torch.compile(sepa
             "recompute": lambda: recompute}
 
 
+def unet_inputs(net: UNet, batch: int, size: int) -> tuple:
+    """Random (x, t, keywords) for one forward of ``net``: a context of 12 tokens if it cross-attends, labels if
+    it is class-conditional."""
+    c, g = net.config, torch.Generator().manual_seed(0)
+    kw = {}
+    if c.context_dim is not None:
+        kw["context"] = torch.randn(batch, 12, c.context_dim, generator=g)
+    if c.num_classes is not None:
+        kw["class_labels"] = torch.randint(0, c.num_classes, (batch,), generator=g)
+    return torch.randn(batch, c.in_channels, size, size, generator=g), torch.rand(batch, generator=g) * 1000, kw
+
+
 def pair_shapes(net: UNet, batch: int, size: int) -> collections.Counter:
     """(B, C, H, W, groups) -> count, for every GroupNorm whose output goes straight into SiLU in one forward."""
-    norms = [m for b in net.modules() if isinstance(b, ResBlock) for m in (b.norm1, b.norm2)] + [net.norm_out]
+    norms = [m for b in net.modules() if isinstance(b, ResBlock)
+             for m in ((b.norm1,) if b.scale_shift else (b.norm1, b.norm2))] + [net.norm_out]
     seen = collections.Counter()
     hooks = [m.register_forward_hook(lambda m, inp, out: seen.update([(*inp[0].shape, m.num_groups)]))
              for m in norms]
+    x, t, kw = unet_inputs(net, batch, size)
     with torch.no_grad():
-        net(torch.randn(batch, net.config.in_channels, size, size), torch.full((batch,), 500.0))
+        net(x, t, **kw)
     for h in hooks:
         h.remove()
     return seen
 
 
-def fwd_bwd_ms(fn, x, groups, weight, bias, reps: int) -> float:
+def fwd_bwd_ms(fn, x, groups, weight, bias, grad, reps: int) -> float:
     start = time.perf_counter()
     for _ in range(reps):
-        fn(x, groups, weight, bias).sum().backward()
+        torch.autograd.grad(fn(x, groups, weight, bias), (x, weight, bias), grad)
     return (time.perf_counter() - start) / reps * 1e3
 
 
 def train_step_ms(net: UNet, batch: int, size: int, reps: int) -> float:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, net.config.in_channels, size, size)
-    t = torch.rand(batch) * 1000
+    x, t, kw = unet_inputs(net, batch, size)
 
     def step():
-        loss = F.mse_loss(net(x, t), torch.randn_like(x))
+        loss = F.mse_loss(net(x, t, **kw), torch.randn_like(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -121,10 +137,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = PRESETS[args.preset]
-    if cfg.context_dim is not None or cfg.num_classes is not None:
-        cfg = type(cfg)(**{**cfg.__dict__, "context_dim": None, "num_classes": None})  # the pairs do not change
-    net = UNet(cfg)
+    net = UNet(PRESETS[args.preset])
     shapes = pair_shapes(net, args.batch, args.size)
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape; past the limit it runs eager
     variants = {k: VARIANTS[k]() for k in ["separate", *(v for v in args.variants if v != "separate")]}
@@ -137,15 +150,16 @@ def main():
         *dims, groups = shape
         x = torch.randn(*dims, requires_grad=True)
         weight, bias = torch.randn(dims[1], requires_grad=True), torch.randn(dims[1], requires_grad=True)
-        ref = torch.autograd.grad(separate(x, groups, weight, bias).square().sum(), (x, weight, bias))
+        grad = torch.randn(*dims)  # one dense output gradient, as a training step's backward brings
+        ref = torch.autograd.grad(separate(x, groups, weight, bias), (x, weight, bias), grad)
         for name, fn in variants.items():  # the same function (and the compiled one compiled) before timing
-            got = torch.autograd.grad(fn(x, groups, weight, bias).square().sum(), (x, weight, bias))
+            got = torch.autograd.grad(fn(x, groups, weight, bias), (x, weight, bias), grad)
             err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
             assert err < 1e-4, f"{name} gradients differ from separate's by {err:.1e} (relative) at {shape}"
         times = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
-                times[name].append(fwd_bwd_ms(fn, x, groups, weight, bias, args.reps))
+                times[name].append(fwd_bwd_ms(fn, x, groups, weight, bias, grad, args.reps))
         ms = {k: statistics.median(v) for k, v in times.items()}
         for k in variants:
             total[k] += count * ms[k]

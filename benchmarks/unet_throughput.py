@@ -8,7 +8,7 @@ after its compiling warmup, and combinations); the default is fp32 and, on CUDA,
 ``--batch`` takes several sizes (the larger-batch sweep); every setup is timed at each. (Fused GroupNorm+SiLU
 is timed on its own by benchmarks/gn_silu.py.)
 ``--models minidiff`` times minidiff alone (where diffusers is not installed); ``--out`` appends one JSON
-line per setup (the medians), for scripts such as benchmarks/gpu_run.sh.
+line per setup and batch size (the medians), for scripts such as benchmarks/gpu_run.sh.
 
     python benchmarks/unet_throughput.py                      # tiny preset, 28x28, batch 64, CPU
     python benchmarks/unet_throughput.py --preset cifar --size 32 --batch 128 --device cuda
