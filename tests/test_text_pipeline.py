@@ -252,17 +252,23 @@ def test_held_out_mask_is_about_pairs_in_either_slot():
     assert held_out_mask(torch.stack(list(pick.values()))).tolist() == [True, True, False, False]
 
 
-def test_fine_tune_may_add_the_position_code_and_nothing_else(tmp_path):
+def test_fine_tune_may_add_the_position_code_and_attention_levels_and_nothing_else(tmp_path):
     denoiser = _text_denoiser()
     path = save_text_model(tmp_path / "m.safetensors", denoiser)
-    grown = build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [1, 2], "attn_pos": True}))
+    grown = build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [0, 1, 2], "attn_pos": True}))
     assert grown.unet.config.attn_pos and not denoiser.net.unet.config.attn_pos
+    assert grown.unet.config.attn_levels == (0, 1, 2)
     assert torch.equal(_outputs(Denoiser(grown.eval(), AB, "v")), _outputs(denoiser))  # it starts where it was
     assert not build_text_net(TextTrainConfig(init=str(path))).unet.config.attn_pos
-    with pytest.raises(ValueError, match=r"can gain only \['attn_pos'\], got changes to \['attn_levels'\]"):
+    with pytest.raises(ValueError, match=r"attn_levels can only gain levels: the trained U-Net has \[1, 2\], "
+                                         r"got \[2\]"):
         build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [2]}))
+    with pytest.raises(ValueError, match=r"can gain only \['attn_pos', 'attn_levels'\], "
+                                         r"got changes to \['num_heads'\]"):
+        build_text_net(TextTrainConfig(init=str(path), unet={"attn_levels": [1, 2], "num_heads": 2}))
     saved = save_text_model(tmp_path / "g.safetensors", Denoiser(grown.eval(), AB, "v", image_shape=(4, 16, 16)))
-    assert load_text_model(saved).net.unet.config.attn_pos  # the option travels in the file's spec
+    spec = load_text_model(saved).net.unet.config  # the options travel in the file's spec
+    assert spec.attn_pos and spec.attn_levels == (0, 1, 2)
 
 
 def test_text_train_config_refuses_bad_values():

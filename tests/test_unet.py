@@ -276,8 +276,29 @@ def test_grow_unet_refuses_changes_that_would_reinterpret_trained_weights(gen):
     base = make_net(gen)
     assert unet_module.grow_unet(base) is base
     assert unet_module.grow_unet(base, attn_levels=[1, 2]) is base  # the same value, as a list
-    with pytest.raises(ValueError, match=r"can gain only \['attn_pos'\], got changes to \['base_channels'\]"):
+    with pytest.raises(ValueError, match=r"can gain only \['attn_pos', 'attn_levels'\], got changes to "
+                                         r"\['base_channels'\]"):
         unet_module.grow_unet(base, base_channels=16)
+    with pytest.raises(ValueError, match=r"attn_levels can only gain levels: the trained U-Net has \[1, 2\], "
+                                         r"got \[0, 2\]"):
+        unet_module.grow_unet(base, attn_levels=(0, 2))
+
+
+@pytest.mark.parametrize("cond", ["none", "context"])
+def test_grow_unet_gains_attention_levels_as_the_identity(gen, cond):
+    base = make_net(gen, cond)  # zero_init=False: the gained blocks must be zeroed by grow_unet itself
+    x = torch.randn(2, 2, 16, 16, generator=gen)
+    kw = cond_kwargs(cond, 2, gen)
+    t = torch.tensor([3.0, 600.0])
+    grown = unet_module.grow_unet(base, attn_levels=[0, 1, 2])
+    assert grown.config.attn_levels == (0, 1, 2) and base.config.attn_levels == (1, 2)
+    count = lambda net: sum(isinstance(m, unet_module.AttentionBlock) for m in net.modules())  # noqa: E731
+    assert count(grown) == count(base) + 3  # level 0: one stage down, two up
+    assert torch.equal(grown(x, t, **kw), base(x, t, **kw))  # every trained weight kept, the new blocks add 0
+    with torch.no_grad():
+        for p in grown.down[0][1].parameters():  # the first gained block
+            p.normal_(0, 0.5, generator=gen)
+    assert not torch.allclose(grown(x, t, **kw), base(x, t, **kw), atol=1e-3)  # and it reaches the output
 
 
 def test_gradients_reach_the_position_code(gen):

@@ -267,21 +267,38 @@ def unet_from_preset(name: str, **overrides) -> UNet:
     return UNet(replace(PRESETS[name], **overrides))
 
 
-GROWABLE = ("attn_pos",)  # options a trained U-Net can gain: each adds parameters that start out computing nothing
+GROWABLE = ("attn_pos", "attn_levels")  # options a trained U-Net can gain: each adds parameters that start out
+# computing nothing (attn_levels may only gain levels: each new AttentionBlock starts with zero output projections)
 
 
 def grow_unet(unet: UNet, **overrides) -> UNet:
     """``unet`` rebuilt with ``overrides`` of its config, every trained weight kept, for fine-tuning. Only the
-    GROWABLE options may differ from its config (the others would change what the trained weights mean); with
-    no change it returns ``unet`` itself."""
+    GROWABLE options may differ from its config (the others would change what the trained weights mean), and
+    ``attn_levels`` may only gain levels; each block gained starts as the identity (its output projections are
+    zero, Dhariwal & Nichol 2021's ``zero_module``), so the grown net computes what ``unet`` did. With no change
+    it returns ``unet`` itself."""
+    if "attn_levels" in overrides:
+        overrides["attn_levels"] = tuple(overrides["attn_levels"])
     new = replace(unet.config, **overrides)
     changed = sorted(k for k in asdict(new) if getattr(new, k) != getattr(unet.config, k))
     if not changed:
         return unet
     if not set(changed) <= set(GROWABLE):
         raise ValueError(f"a trained U-Net can gain only {list(GROWABLE)}, got changes to {changed}")
+    if not set(unet.config.attn_levels) <= set(new.attn_levels):
+        raise ValueError(f"attn_levels can only gain levels: the trained U-Net has {list(unet.config.attn_levels)}, "
+                         f"got {list(new.attn_levels)}")
     grown = UNet(new)
+    old_blocks = {name for name, m in unet.named_modules() if isinstance(m, AttentionBlock)}
+    gained = [name for name, m in grown.named_modules() if isinstance(m, AttentionBlock) and name not in old_blocks]
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or not all(".pos_proj." in k for k in missing):  # a GROWABLE option that adds other weights
-        raise RuntimeError(f"grow_unet lost weights: missing {missing}, unexpected {unexpected}")
+    lost = [k for k in missing if ".pos_proj." not in k and not any(k.startswith(g + ".") for g in gained)]
+    if unexpected or lost:  # a GROWABLE option that moved or dropped trained weights
+        raise RuntimeError(f"grow_unet lost weights: missing {lost}, unexpected {unexpected}")
+    for name in gained:  # identity at the start whatever zero_init says, as pos_proj is
+        block = grown.get_submodule(name)
+        for layer in (block.proj, getattr(block, "proj_cross", None)):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
     return grown.to(next(unet.parameters()).device)

@@ -298,6 +298,9 @@ def main(argv=None) -> None:
                     help="share of two-object captions in each batch (default: the data's, about 0.5)")
     tr.add_argument("--attn-pos", action="store_true",
                     help="a 2-D position code in the attention blocks (zero-initialised: an --init model gains it)")
+    tr.add_argument("--attn-levels", type=int, nargs="+", default=[1, 2],
+                    help="U-Net levels with self- and cross-attention (0 = 16x16, 1 = 8x8, 2 = 4x4 latents); "
+                         "an --init model can gain levels, each starting as the identity")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--device", default=None)
     cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
@@ -336,7 +339,7 @@ def main(argv=None) -> None:
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
                              lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
                              two_object_share=args.two_object_share,
-                             unet={"attn_levels": [1, 2], **({"attn_pos": True} if args.attn_pos else {})})
+                             unet={"attn_levels": args.attn_levels, **({"attn_pos": True} if args.attn_pos else {})})
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))
