@@ -28,6 +28,7 @@ from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_s
 from minidiff.training import text as text_module
 from minidiff.training.checkpoint import checkpoint_config, load_text_model, save_model, save_text_model
 from minidiff.training.text import HELD_OUT, TextTrainConfig, build_text_net, held_out_mask, train_text
+from minidiff.training.text_export import ema_denoiser
 
 PROMPTS = ["a small red circle", "a large blue square above a small green cross"]
 AB = alphas_cumprod_from_betas(make_betas("cosine", 1000))
@@ -308,6 +309,29 @@ def test_two_object_share_sets_what_the_batches_hold(tmp_path, train_data, monke
     data_share = len([c for c in captions if len(c.split()) > 4]) / len(captions)
     assert abs(share - 0.9) < 0.07 and abs(data_share - 0.9) > 0.2, (share, data_share)
 
+
+
+def test_a_fine_tune_resumes_and_exports_whatever_its_init_file_holds_now(tmp_path, train_data, monkeypatch):
+    """A run started from an init file keeps its own architecture when that file is later replaced (here by a model
+    that has gained an attention level, as a newly shipped model may) or removed: resume and export read the
+    checkpoint's spec, not the init file."""
+    latents, captions = train_data
+    monkeypatch.setattr(text_module, "sample_prompts_grid", lambda *a, **k: None)
+    init = save_text_model(tmp_path / "init.safetensors", _text_denoiser())
+    kw = {"latents": latents, "captions": captions, "device": "cpu", "progress": False}
+    config = lambda steps: _config(steps=steps, init=str(init), unet={"attn_levels": [1, 2]})  # noqa: E731
+    full = train_text(config(6), tmp_path / "full", **kw)
+    train_text(config(3), tmp_path / "resumed", **kw)
+    grown = build_text_net(TextTrainConfig(init=str(init), unet={"attn_levels": [0, 1, 2]}))
+    save_text_model(init, Denoiser(grown.eval(), AB, "v", image_shape=(4, 16, 16)))  # the init file is replaced
+    resumed = train_text(config(6), tmp_path / "resumed", resume=True, **kw)
+    assert resumed["net"].unet.config.attn_levels == (1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(full["net"].state_dict().values(),
+                                                  resumed["net"].state_dict().values()))
+    init.unlink()  # and then removed
+    exported, _ = ema_denoiser(tmp_path / "full")
+    assert exported.net.unet.config.attn_levels == (1, 2)
+    assert torch.equal(_outputs(exported), _outputs(Denoiser(full["ema_net"], AB, "v", image_shape=(4, 16, 16))))
 
 
 # ================================================================ training: bit-exact resume

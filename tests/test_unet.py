@@ -280,8 +280,11 @@ def test_grow_unet_refuses_changes_that_would_reinterpret_trained_weights(gen):
                                          r"\['base_channels'\]"):
         unet_module.grow_unet(base, base_channels=16)
     with pytest.raises(ValueError, match=r"attn_levels can only gain levels: the trained U-Net has \[1, 2\], "
-                                         r"got \[0, 2\]"):
+                                         r"got \[0, 2\]; it must include those"):
         unet_module.grow_unet(base, attn_levels=(0, 2))
+    assert unet_module.grow_unet(base, attn_levels=[2, 1, 1]) is base  # a set of levels, in any order
+    with pytest.raises(ValueError, match="attn_pos can only be switched on: the trained U-Net has attn_pos=True"):
+        unet_module.grow_unet(unet_module.grow_unet(base, attn_pos=True), attn_pos=False)
 
 
 @pytest.mark.parametrize("cond", ["none", "context"])

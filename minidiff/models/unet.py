@@ -277,8 +277,8 @@ def grow_unet(unet: UNet, **overrides) -> UNet:
     ``attn_levels`` may only gain levels; each block gained starts as the identity (its output projections are
     zero, Dhariwal & Nichol 2021's ``zero_module``), so the grown net computes what ``unet`` did. With no change
     it returns ``unet`` itself."""
-    if "attn_levels" in overrides:
-        overrides["attn_levels"] = tuple(overrides["attn_levels"])
+    if "attn_levels" in overrides:  # a set of levels, in any order
+        overrides["attn_levels"] = tuple(sorted(set(overrides["attn_levels"])))
     new = replace(unet.config, **overrides)
     changed = sorted(k for k in asdict(new) if getattr(new, k) != getattr(unet.config, k))
     if not changed:
@@ -287,7 +287,9 @@ def grow_unet(unet: UNet, **overrides) -> UNet:
         raise ValueError(f"a trained U-Net can gain only {list(GROWABLE)}, got changes to {changed}")
     if not set(unet.config.attn_levels) <= set(new.attn_levels):
         raise ValueError(f"attn_levels can only gain levels: the trained U-Net has {list(unet.config.attn_levels)}, "
-                         f"got {list(new.attn_levels)}")
+                         f"got {list(new.attn_levels)}; it must include those")
+    if unet.config.attn_pos and not new.attn_pos:
+        raise ValueError("attn_pos can only be switched on: the trained U-Net has attn_pos=True, got False")
     grown = UNet(new)
     old_blocks = {name for name, m in unet.named_modules() if isinstance(m, AttentionBlock)}
     gained = [name for name, m in grown.named_modules() if isinstance(m, AttentionBlock) and name not in old_blocks]

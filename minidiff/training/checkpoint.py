@@ -220,19 +220,26 @@ def save_text_model(path, denoiser, *, card: dict | None = None) -> Path:
     return Path(path)
 
 
-def load_text_model(path, *, device=None):
-    """Rebuild the ``Denoiser`` (around a ``TextConditionedNet``, or its ``InpaintingNet``) saved by
-    ``save_text_model``, in eval mode."""
-    from minidiff.denoiser import Denoiser
+def text_net_from_spec(spec: dict):
+    """The untrained ``TextConditionedNet`` (``InpaintingNet`` if ``spec["inpainting"]``) that a text model file's
+    or a text run checkpoint's spec describes: ``spec["unet"]`` (a UNetConfig as a dict) and ``spec["encoder"]``."""
     from minidiff.models.inpainting_net import InpaintingNet
     from minidiff.models.text_encoder import TextConditionedNet, encoder_from_spec
     from minidiff.models.unet import UNet, UNetConfig
 
+    kind = InpaintingNet if spec.get("inpainting") else TextConditionedNet
+    return kind(UNet(UNetConfig(**spec["unet"])), encoder_from_spec(spec["encoder"]))
+
+
+def load_text_model(path, *, device=None):
+    """Rebuild the ``Denoiser`` (around a ``TextConditionedNet``, or its ``InpaintingNet``) saved by
+    ``save_text_model``, in eval mode."""
+    from minidiff.denoiser import Denoiser
+
     tensors, metadata = read_safetensors(path, expect_format=TEXT_MODEL_FORMAT)
     try:
         spec = json.loads(metadata["spec"])
-        kind = InpaintingNet if spec.get("inpainting") else TextConditionedNet
-        net = kind(UNet(UNetConfig(**spec["unet"])), encoder_from_spec(spec["encoder"]))
+        net = text_net_from_spec(spec)
         net.load_state_dict(_unprefixed("net.", tensors))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its spec or weights do not describe a text model ({str(err).splitlines()[0]}); "

@@ -39,7 +39,7 @@ from minidiff.models.unet import PRESETS, grow_unet, unet_from_preset
 from minidiff.pipelines.text_to_image import text_to_image_latents
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
 from minidiff.training.checkpoint import (TEXT_MODEL_FORMAT, checkpoint_config, load_checkpoint, load_text_model,
-                                          save_checkpoint)
+                                          save_checkpoint, text_net_from_spec)
 from minidiff.training.rundir import acquire_lock, check_out_dir, config_changes
 from minidiff.training.steps import EMA, LR_SCHEDULES, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
@@ -156,9 +156,11 @@ def sample_prompts_grid(net, alphas_cumprod, config: TextTrainConfig, path, *, d
     return x
 
 
-def _setup(config: TextTrainConfig, device, clip) -> dict:
+def _setup(config: TextTrainConfig, device, clip, resume_from: Path | None = None) -> dict:
     torch.manual_seed(config.seed)
-    net = build_text_net(config, clip=clip).to(device)
+    resumed_fine_tune = resume_from is not None and config.init is not None  # its own net, not the init file's
+    net = (text_net_from_spec({**checkpoint_config(resume_from), "inpainting": config.inpainting})
+           if resumed_fine_tune else build_text_net(config, clip=clip)).to(device)
     optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup,
                                           lr_schedule=config.lr_schedule, total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
@@ -203,9 +205,10 @@ def train_text(config: TextTrainConfig, out_dir, *, latents: torch.Tensor, capti
     check_out_dir(out_dir)
     lock = acquire_lock(out_dir)
     try:
-        run = _setup(config, device, clip)
-        if resume and (out_dir / "checkpoint.safetensors").exists():
-            _resume(out_dir / "checkpoint.safetensors", config, run)
+        ckpt = out_dir / "checkpoint.safetensors"
+        run = _setup(config, device, clip, ckpt if resume and ckpt.exists() else None)
+        if resume and ckpt.exists():
+            _resume(ckpt, config, run)
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"]})
@@ -298,9 +301,9 @@ def main(argv=None) -> None:
                     help="share of two-object captions in each batch (default: the data's, about 0.5)")
     tr.add_argument("--attn-pos", action="store_true",
                     help="a 2-D position code in the attention blocks (zero-initialised: an --init model gains it)")
-    tr.add_argument("--attn-levels", type=int, nargs="+", default=[1, 2],
-                    help="U-Net levels with self- and cross-attention (0 = 16x16, 1 = 8x8, 2 = 4x4 latents); "
-                         "an --init model can gain levels, each starting as the identity")
+    tr.add_argument("--attn-levels", type=int, nargs="+", default=None,
+                    help="levels with attention (0: 16x16, 1: 8x8, 2: 4x4; default 1 2, or the --init model's, "
+                    "which it can gain, each new block starting as the identity)")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--device", default=None)
     cl = sub.add_parser("train-clip", help="train the tiny CLIP (frozen encoder option and the CLIP score)")
@@ -338,8 +341,10 @@ def main(argv=None) -> None:
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
                              lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
-                             two_object_share=args.two_object_share,
-                             unet={"attn_levels": args.attn_levels, **({"attn_pos": True} if args.attn_pos else {})})
+                             two_object_share=args.two_object_share, unet={
+                                 **({} if args.init and not args.attn_levels else  # keep the init model's levels
+                                    {"attn_levels": args.attn_levels or [1, 2]}),
+                                 **({"attn_pos": True} if args.attn_pos else {})})
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))

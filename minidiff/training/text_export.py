@@ -18,11 +18,11 @@ from minidiff.eval.editing import evaluate_img2img, evaluate_inpainting, recolor
 from minidiff.eval.text import evaluate_text_model
 from minidiff.files import WEIGHTS_DIR, file_sha256
 from minidiff.models.clip import load_clip
-from minidiff.models.text_encoder import encoder_from_spec
 from minidiff.pipelines import TextToImagePipeline
 from minidiff.pretrained import load, model_card
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas
-from minidiff.training.checkpoint import checkpoint_config, load_checkpoint, load_text_model, save_text_model
+from minidiff.training.checkpoint import (checkpoint_config, load_checkpoint, load_text_model, save_text_model,
+                                         text_net_from_spec)
 from minidiff.training.steps import EMA
 from minidiff.training.text import TextTrainConfig, build_text_net
 
@@ -37,10 +37,12 @@ def ema_denoiser(run_dir, *, clip=None) -> tuple[Denoiser, dict]:
     """(the run's EMA net as a ``Denoiser`` in eval mode, the checkpoint's saved config)."""
     ckpt = Path(run_dir) / "checkpoint.safetensors"
     saved = checkpoint_config(ckpt)
-    config = TextTrainConfig(**saved["train"])
-    net = build_text_net(config, clip=clip)
-    if "encoder" in saved:  # the vocabulary it was trained with, even if the course's has grown since
-        net = type(net)(net.unet, encoder_from_spec(saved["encoder"]))
+    if "unet" in saved and "encoder" in saved:  # the architecture and vocabulary it was trained with, whatever
+        config = TextTrainConfig(**{**saved["train"], "init": None})  # its init file or the course holds now
+        net = text_net_from_spec({**saved, "inpainting": config.inpainting})
+    else:  # a checkpoint older than its spec
+        config = TextTrainConfig(**saved["train"])
+        net = build_text_net(config, clip=clip)
     ema = EMA(net)
     load_checkpoint(ckpt, model=net, ema=ema, restore_rng=False)
     ema.copy_to(net).eval()
