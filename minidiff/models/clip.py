@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from minidiff.data.shapes import COLORS, SHAPES, SIZES, caption, held_out_mask, make_shapes
+from minidiff.data.shapes import COLORS, HELD_OUT, SHAPES, SIZES, ShapesDataset, caption, held_out_mask, make_shapes
 from minidiff.data.tokenizer import EOS, Tokenizer
-from minidiff.files import WEIGHTS_DIR, read_safetensors, write_safetensors
+from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_safetensors, write_safetensors
 from minidiff.models.text_encoder import TransformerTextEncoder
 
 __all__ = ["CLIPConfig", "TinyCLIP", "hard_negative", "clip_loss", "train_clip", "clip_score", "save_clip",
-           "load_clip", "evaluate_clip", "CLIP_FORMAT"]
+           "load_clip", "evaluate_clip", "train_shapes_clip", "CLIP_FORMAT"]
 
 CLIP_FORMAT = "minidiff-clip-v1"
 
@@ -200,3 +202,22 @@ def load_clip(name_or_path: str = "shapes-clip", *, device=None) -> TinyCLIP:
     model = TinyCLIP(config, Tokenizer(spec["vocabulary"], max_length=spec["max_length"]))
     model.load_state_dict(tensors)
     return model.to(device or "cpu").eval()
+
+
+def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int = 5, argv=()) -> Path:
+    """Train the shipped tiny CLIP on ``n`` scenes without held-out pairs and save it with its card."""
+    images, _, attrs = ShapesDataset(n, size=64, seed=seed, max_objects=2).tensors()
+    keep = ~held_out_mask(attrs)
+    t0 = time.perf_counter()
+    model = train_clip(images[keep], attrs[keep], steps=steps)
+    out = Path(out) if out else WEIGHTS_DIR / "shapes-clip.safetensors"
+    card = {"name": out.stem, "kind": "tiny CLIP (Radford et al. 2021) with NegCLIP hard negatives",
+            "data": f"ShapesDataset({n}, size=64, seed={seed}, max_objects=2) minus held-out pairs {HELD_OUT}, "
+                    "average-pooled to 32x32", "n_train": int(keep.sum()), "steps": steps, "batch_size": 128,
+            "params": sum(p.numel() for p in model.parameters()), "train_wall_time_s": round(time.perf_counter() - t0, 1),
+            "hardware": hardware_info(torch.device("cpu")),
+            "command": "python -m minidiff.training.text " + shlex.join(["train-clip", *argv[1:]])}
+    save_clip(out, model)
+    card.update(metrics=evaluate_clip(model), sha256=file_sha256(out))
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return out

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from minidiff.data.latents import cached_latents
 from minidiff.data.shapes import HELD_OUT, ShapesDataset, caption, held_out_mask, two_object_weights
 from minidiff.denoiser import Denoiser
-from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_metadata
+from minidiff.files import hardware_info, read_metadata
 from minidiff.guidance import caption_dropout
 from minidiff.losses import diffusion_loss
-from minidiff.models.clip import evaluate_clip, load_clip, save_clip, train_clip
+from minidiff.models.clip import load_clip, train_shapes_clip  # noqa: F401  (train_shapes_clip: re-exported)
 from minidiff.models.inpainting_net import (everything_masked, inpainting_condition, random_latent_masks,
                                             widen_for_inpainting)
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
@@ -257,25 +257,6 @@ def _loop(config, run, out_dir, latents, captions, device, decode, progress) -> 
             sample_prompts_grid(ema_net(run), run["alphas_cumprod"], config,
                                 out_dir / "samples" / f"step_{done:07d}.png", decode=decode)
     bar.close()
-
-
-def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int = 5, argv=()) -> Path:
-    """Train the shipped tiny CLIP on ``n`` scenes without held-out pairs and save it with its card."""
-    images, _, attrs = ShapesDataset(n, size=64, seed=seed, max_objects=2).tensors()
-    keep = ~held_out_mask(attrs)
-    t0 = time.perf_counter()
-    model = train_clip(images[keep], attrs[keep], steps=steps)
-    out = Path(out) if out else WEIGHTS_DIR / "shapes-clip.safetensors"
-    card = {"name": out.stem, "kind": "tiny CLIP (Radford et al. 2021) with NegCLIP hard negatives",
-            "data": f"ShapesDataset({n}, size=64, seed={seed}, max_objects=2) minus held-out pairs {HELD_OUT}, "
-                    "average-pooled to 32x32", "n_train": int(keep.sum()), "steps": steps, "batch_size": 128,
-            "params": sum(p.numel() for p in model.parameters()), "train_wall_time_s": round(time.perf_counter() - t0, 1),
-            "hardware": hardware_info(torch.device("cpu")),
-            "command": "python -m minidiff.training.text " + shlex.join(["train-clip", *argv[1:]])}
-    save_clip(out, model)
-    card.update(metrics=evaluate_clip(model), sha256=file_sha256(out))
-    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return out
 
 
 @command_line("python -m minidiff.training.text")
