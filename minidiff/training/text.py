@@ -206,9 +206,10 @@ def train_text(config: TextTrainConfig, out_dir, *, latents: torch.Tensor, capti
     lock = acquire_lock(out_dir)
     try:
         ckpt = out_dir / "checkpoint.safetensors"
-        run = _setup(config, device, clip, ckpt if resume and ckpt.exists() else None)
-        if resume and ckpt.exists():
-            _resume(ckpt, config, run)
+        resume_from = ckpt if resume and ckpt.exists() else None
+        run = _setup(config, device, clip, resume_from)
+        if resume_from is not None:
+            _resume(resume_from, config, run)
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         run["sessions"].append({"command": command, "hardware": hardware_info(device), "start_step": run["start"]})
@@ -320,12 +321,12 @@ def main(argv=None) -> None:
     clip = load_clip("shapes-clip") if args.encoder == "clip" else None
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
+    unet = {"attn_pos": True} if args.attn_pos else {}
+    if args.attn_levels or not args.init:  # with --init and no --attn-levels, the init model's levels stay
+        unet["attn_levels"] = args.attn_levels or [1, 2]
     config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
                              lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
-                             two_object_share=args.two_object_share, unet={
-                                 **({} if args.init and not args.attn_levels else  # keep the init model's levels
-                                    {"attn_levels": args.attn_levels or [1, 2]}),
-                                 **({"attn_pos": True} if args.attn_pos else {})})
+                             two_object_share=args.two_object_share, unet=unet)
     train_text(config, args.out, latents=latents, captions=captions,
                resume=args.resume, device=args.device, decode=vae.decode_latents, clip=clip,
                command="python -m minidiff.training.text " + shlex.join(argv))
