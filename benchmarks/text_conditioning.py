@@ -35,12 +35,15 @@ from minidiff.eval.text import judge, prompt_attrs, real_images, summarize, gene
 from minidiff.models.clip import load_clip
 from minidiff.pipelines import TextToImagePipeline
 from minidiff.pretrained import load
+from minidiff.training.steps import LR_SCHEDULES
 from minidiff.training.text import TextTrainConfig, shapes64_text_latents, train_text
 
 
-def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False) -> dict:
+def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False,
+            lr_schedule: str = "constant", two_object_share: float | None = None) -> dict:
     unet = {"attn_levels": [1, 2], **({"attn_pos": True} if attn_pos else {})}
-    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet)
+    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet,
+                             lr_schedule=lr_schedule, two_object_share=two_object_share)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         result = train_text(config, out, latents=latents, captions=captions, clip=clip if encoder == "clip" else None,
@@ -61,14 +64,21 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="joint,clip,pooled")
     parser.add_argument("--attn-pos", action="store_true", help="give every arm's U-Net the 2-D position code "
                         "before attention (UNetConfig.attn_pos, as the shipped shapes64-text has)")
+    parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                        help="every arm's learning-rate schedule (the shipped model's recipe uses cosine)")
+    parser.add_argument("--two-object-share", type=float, default=None, help="share of two-object captions per "
+                        "batch for every arm (default: the data's, about 0.5; the shipped recipe uses 0.6)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (and a .txt table beside it)")
     parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON files of runs with the same "
                         "steps and n-eval (one arm each) instead of training")
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        if len({(p["steps"], p["n_eval"], p.get("attn_pos", False)) for p in parts}) != 1:
-            raise SystemExit("--merge: the files differ in steps, n_eval or attn_pos; only runs of one recipe compare")
+        recipe = ("steps", "n_eval", "attn_pos", "lr_schedule", "two_object_share")
+        defaults = {"attn_pos": False, "lr_schedule": "constant", "two_object_share": None}
+        if len({tuple(p.get(k, defaults.get(k)) for k in recipe) for p in parts}) != 1:
+            raise SystemExit(f"--merge: the files differ in one of {', '.join(recipe)}; "
+                             "only runs of one recipe compare")
         result = {**parts[0], "arms": {k: v for p in parts for k, v in p["arms"].items()},
                   "command": " ; ".join(p["command"] for p in parts)}
         return report(result, args.out)
@@ -78,12 +88,14 @@ def main(argv=None) -> None:
     sets = {"1obj": prompt_attrs(args.n_eval, objects=1, split="seen", seed=100),
             "2obj": prompt_attrs(args.n_eval, objects=2, split="seen", seed=101)}
     ceiling = {k: summarize(judge(real_images(a, seed=1), a)) for k, a in sets.items()}
-    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets, args.attn_pos)
+    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets, args.attn_pos, args.lr_schedule,
+                         args.two_object_share)
             for arm in args.arms.split(",")}
-    report({"steps": args.steps, "attn_pos": args.attn_pos, "batch_size": TextTrainConfig().batch_size,
-            "n_eval": args.n_eval,
-              "guidance": 5.0, "sampler": "dpmpp_2m 20 steps", "ceiling": ceiling, "arms": arms,
-              "command": "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+    command = "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report({"steps": args.steps, "attn_pos": args.attn_pos, "lr_schedule": args.lr_schedule,
+            "two_object_share": args.two_object_share, "batch_size": TextTrainConfig().batch_size,
+            "n_eval": args.n_eval, "guidance": 5.0, "sampler": "dpmpp_2m 20 steps", "ceiling": ceiling, "arms": arms,
+            "command": command},
            args.out)
 
 
@@ -91,7 +103,10 @@ def report(result: dict, out) -> None:
     """Print the table of ``result`` (and write it as JSON + .txt when ``out`` is given)."""
     ceiling, arms, sets = result["ceiling"], result["arms"], list(result["ceiling"])
     pos = "with" if result.get("attn_pos") else "without"
+    share = result.get("two_object_share")
+    recipe = f"{result.get('lr_schedule', 'constant')} lr, " + ("the data's" if share is None else f"{share:g}")
     lines = [f"text conditioning, {result['steps']} training steps each (batch 64), U-Net {pos} attn_pos, "
+             f"{recipe} two-object share, "
              f"{result['n_eval']} prompts per set, guidance 5, dpmpp_2m 20 steps; judge = shapes attribute classifier",
              f"{'arm':8s} {'set':5s} {'shape':>6s} {'color':>6s} {'size':>6s} {'relat.':>6s} {'ALL':>6s} {'train s':>8s}"]
     for arm, row in [("ceiling", {**ceiling, "wall_s": float("nan")}), *arms.items()]:
