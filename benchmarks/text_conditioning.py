@@ -38,12 +38,15 @@ from minidiff.pretrained import load
 from minidiff.training.steps import LR_SCHEDULES
 from minidiff.training.text import TextTrainConfig, shapes64_text_latents, train_text
 
+# What makes two runs comparable (--merge checks it), with the value a file written before a key existed had.
+RECIPE = {"steps": None, "n_eval": None, "attn_pos": False, "lr_schedule": TextTrainConfig.lr_schedule,
+          "two_object_share": TextTrainConfig.two_object_share}
 
-def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False,
-            lr_schedule: str = "constant", two_object_share: float | None = None) -> dict:
+
+def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False, **train) -> dict:
+    """Train one arm (``train``: further TextTrainConfig fields, the same for every arm) and judge it on ``sets``."""
     unet = {"attn_levels": [1, 2], **({"attn_pos": True} if attn_pos else {})}
-    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet,
-                             lr_schedule=lr_schedule, two_object_share=two_object_share)
+    config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet, **train)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         result = train_text(config, out, latents=latents, captions=captions, clip=clip if encoder == "clip" else None,
@@ -64,20 +67,18 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="joint,clip,pooled")
     parser.add_argument("--attn-pos", action="store_true", help="give every arm's U-Net the 2-D position code "
                         "before attention (UNetConfig.attn_pos, as the shipped shapes64-text has)")
-    parser.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+    parser.add_argument("--lr-schedule", default=TextTrainConfig.lr_schedule, choices=LR_SCHEDULES,
                         help="every arm's learning-rate schedule (the shipped model's recipe uses cosine)")
     parser.add_argument("--two-object-share", type=float, default=None, help="share of two-object captions per "
                         "batch for every arm (default: the data's, about 0.5; the shipped recipe uses 0.6)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (and a .txt table beside it)")
-    parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON files of runs with the same "
-                        "steps and n-eval (one arm each) instead of training")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON files of runs of one recipe "
+                        f"({', '.join(RECIPE)}; one arm each) instead of training")
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        recipe = ("steps", "n_eval", "attn_pos", "lr_schedule", "two_object_share")
-        defaults = {"attn_pos": False, "lr_schedule": "constant", "two_object_share": None}
-        if len({tuple(p.get(k, defaults.get(k)) for k in recipe) for p in parts}) != 1:
-            raise SystemExit(f"--merge: the files differ in one of {', '.join(recipe)}; "
+        if len({tuple(p.get(k, default) for k, default in RECIPE.items()) for p in parts}) != 1:
+            raise SystemExit(f"--merge: the files differ in one of {', '.join(RECIPE)}; "
                              "only runs of one recipe compare")
         result = {**parts[0], "arms": {k: v for p in parts for k, v in p["arms"].items()},
                   "command": " ; ".join(p["command"] for p in parts)}
@@ -88,12 +89,11 @@ def main(argv=None) -> None:
     sets = {"1obj": prompt_attrs(args.n_eval, objects=1, split="seen", seed=100),
             "2obj": prompt_attrs(args.n_eval, objects=2, split="seen", seed=101)}
     ceiling = {k: summarize(judge(real_images(a, seed=1), a)) for k, a in sets.items()}
-    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets, args.attn_pos, args.lr_schedule,
-                         args.two_object_share)
+    train = {"lr_schedule": args.lr_schedule, "two_object_share": args.two_object_share}
+    arms = {arm: run_arm(arm, args.steps, latents, captions, vae, clip, sets, args.attn_pos, **train)
             for arm in args.arms.split(",")}
     command = "python benchmarks/text_conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report({"steps": args.steps, "attn_pos": args.attn_pos, "lr_schedule": args.lr_schedule,
-            "two_object_share": args.two_object_share, "batch_size": TextTrainConfig().batch_size,
+    report({"steps": args.steps, "attn_pos": args.attn_pos, **train, "batch_size": TextTrainConfig().batch_size,
             "n_eval": args.n_eval, "guidance": 5.0, "sampler": "dpmpp_2m 20 steps", "ceiling": ceiling, "arms": arms,
             "command": command},
            args.out)
@@ -104,7 +104,8 @@ def report(result: dict, out) -> None:
     ceiling, arms, sets = result["ceiling"], result["arms"], list(result["ceiling"])
     pos = "with" if result.get("attn_pos") else "without"
     share = result.get("two_object_share")
-    recipe = f"{result.get('lr_schedule', 'constant')} lr, " + ("the data's" if share is None else f"{share:g}")
+    lr = result.get("lr_schedule", RECIPE["lr_schedule"])
+    recipe = f"{lr} lr, " + ("the data's" if share is None else f"{share:g}")
     lines = [f"text conditioning, {result['steps']} training steps each (batch 64), U-Net {pos} attn_pos, "
              f"{recipe} two-object share, "
              f"{result['n_eval']} prompts per set, guidance 5, dpmpp_2m 20 steps; judge = shapes attribute classifier",

@@ -229,3 +229,26 @@ def test_gn_silu_finds_every_groupnorm_silu_pair_and_times_the_variants(tmp_path
     assert all(r["ms"]["separate"] > 0 and r["ms"]["recompute"] > 0 for r in result["rows"])
     assert result["speedup_vs_separate"]["recompute"] == pytest.approx(
         result["sum_ms"]["separate"] / result["sum_ms"]["recompute"])
+
+
+def test_text_conditioning_merges_runs_of_one_recipe_and_refuses_others(tmp_path, capsys):
+    """--merge joins one-arm files into one table only when their recipe matches; a file written before a recipe
+    key existed counts as that key's old default."""
+    main = _load("text_conditioning").main
+    score = {"shape": 1.0, "color": 1.0, "size": 1.0, "relation": 1.0, "all": 1.0}
+    base = {"steps": 3, "n_eval": 2, "attn_pos": True, "ceiling": {"1obj": score}, "command": "c"}
+    parts = {"joint": {"lr_schedule": "cosine"}, "pooled": {"lr_schedule": "cosine"},
+             "clip": {"lr_schedule": "constant"}, "old": {}}  # "old": written before lr_schedule was recorded
+    files = {}
+    for name, extra in parts.items():
+        files[name] = tmp_path / f"{name}.json"
+        arm = "clip" if name == "old" else name
+        files[name].write_text(json.dumps({**base, **extra, "arms": {arm: {"1obj": score, "wall_s": 1.0}}}))
+    out = tmp_path / "merged.json"
+    main(["--merge", str(files["joint"]), str(files["pooled"]), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert set(merged["arms"]) == {"joint", "pooled"} and merged["lr_schedule"] == "cosine"
+    assert "cosine lr" in capsys.readouterr().out
+    main(["--merge", str(files["clip"]), str(files["old"])])  # "constant" written out == the default left out
+    with pytest.raises(SystemExit, match="lr_schedule"):
+        main(["--merge", str(files["joint"]), str(files["clip"])])
