@@ -67,6 +67,9 @@ def test_time_to_quality_table_reports_ratios_and_misses():
     assert "time to 90%, eps / flow: 2.00x" in text
     assert "time to 90%, diffusers / flow: n/a (diffusers did not reach 90% in 30 min)" in text
     assert "min to >=" not in text  # no lower thresholds asked for: no extra columns
+    assert "judge on the same number of real test images" not in text
+    text = ttq.table(summaries, 0.9, real_accuracy=0.9267)
+    assert text.endswith("the judge on the same number of real test images: 92.7% (threshold 90%: -2.7 points from it)")
 
 
 def test_time_to_quality_reads_lower_thresholds_off_the_same_evaluations(tmp_path, capsys):

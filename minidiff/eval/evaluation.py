@@ -26,7 +26,7 @@ from minidiff.samplers import get_sampler
 from minidiff.schedules import SAMPLING_SPACINGS, sampling_sigmas
 from minidiff.utils import command_line, get_device
 
-__all__ = ["Generated", "generate", "real_features", "evaluate", "format_table", "main"]
+__all__ = ["Generated", "generate", "real_features", "real_class_accuracy", "evaluate", "format_table", "main"]
 
 # (dataset, split, n) -> classifier features of the first n real images; kept for the life of the process.
 _REAL_FEATURES: dict[tuple[str, str, int], torch.Tensor] = {}
@@ -100,6 +100,14 @@ def real_features(dataset: str, split: str, n: int, *, classifier=None) -> torch
     return _REAL_FEATURES[key]
 
 
+def real_class_accuracy(dataset: str, n: int, classifier=None) -> float:
+    """The judge's ceiling: the shipped classifier of ``dataset`` on the first ``n`` real test images (the set
+    ``evaluate`` compares samples with) and their labels."""
+    classifier = classifier if classifier is not None else load_classifier(dataset)
+    images, labels = training_data(dataset, "test", n=n, seed=1)
+    return metrics.class_accuracy(classifier, images, labels[:, 0])
+
+
 def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_2m", steps: int = 20,
              guidance: float = 1.0, n: int = 1000, batch_size: int = 250, generator: torch.Generator | None = None,
              seed: int = 0, num_classes: int | None = None, kid_subsets: int = 50, progress: bool = True,
@@ -107,7 +115,8 @@ def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_
     """Generate ``n`` samples and score them in the shipped classifier's feature space; returns a dict.
 
     Keys: fid, fid_floor (train vs test at the same n), kid, kid_std (std over subsets of min(n, 1000); 0 when
-    n <= 1000, since every subset is then the whole set), class_accuracy (None if unconditional),
+    n <= 1000, since every subset is then the whole set), class_accuracy (None if unconditional) and
+    class_accuracy_real (the classifier on the same ``n`` test images with their labels: the judge's ceiling),
     precision, recall, saturation and saturation_real (``metrics.saturated_share`` of the samples and of the
     ``n`` test images), nfe, wall_time_s (generation), n, and the settings. ``generator`` defaults to one
     seeded with ``seed``.
@@ -125,12 +134,20 @@ def evaluate(denoiser, *, dataset: str = "fashion-mnist", sampler: str = "dpmpp_
     precision, recall = metrics.precision_recall(test, fake)
     accuracy = metrics.class_accuracy(classifier, gen.images, gen.labels) if gen.labels is not None else None
     real_images = training_data(dataset, "test", n=n, seed=1)[0]
+    accuracy_real = real_class_accuracy(dataset, n, classifier) if accuracy is not None else None
     return {"dataset": dataset, "sampler": sampler, "steps": steps, "guidance": guidance, "n": n,
             "fid": metrics.frechet_distance_from_features(test, fake),
             "fid_floor": metrics.frechet_distance_from_features(train, test),
             "kid": kid_mean, "kid_std": kid_std, "class_accuracy": accuracy,
+            "class_accuracy_real": accuracy_real,
             "precision": precision, "recall": recall, "saturation": metrics.saturated_share(gen.images),
             "saturation_real": metrics.saturated_share(real_images), "nfe": gen.nfe, "wall_time_s": gen.wall_time_s}
+
+
+def _real_accuracy(result: dict) -> str:
+    """`` (real: 91.6%)``: the classifier on the real test images, when ``result`` has it (older results do not)."""
+    real = result.get("class_accuracy_real")
+    return "" if real is None else f" (real: {100 * real:.1f}%)"
 
 
 def format_table(result: dict) -> str:
@@ -139,7 +156,8 @@ def format_table(result: dict) -> str:
     rows = [("classifier-FID", f"{result['fid']:.3f}"),
             (f"real-vs-real floor (n={result['n']})", f"{result['fid_floor']:.3f}"),
             ("KID", f"{result['kid']:.5f}" + (f" +- {result['kid_std']:.5f}" if result["n"] > 1000 else "")),
-            ("class accuracy", "n/a (unconditional)" if acc is None else f"{100 * acc:.1f}%"),
+            ("class accuracy", "n/a (unconditional)" if acc is None else
+             f"{100 * acc:.1f}%" + _real_accuracy(result)),
             ("precision (k=3)", f"{result['precision']:.3f}"), ("recall (k=3)", f"{result['recall']:.3f}"),
             ("saturated pixels (>= 0.98)", f"{100 * result['saturation']:.2f}% (real: "
                                            f"{100 * result['saturation_real']:.2f}%)"),
