@@ -946,6 +946,110 @@ def img2img_start(z0, sigmas, strength, noise):
     from minidiff import inpainting
     return inpainting.img2img_start_latents(z0, sigmas, strength)
 """, ["calls the library's reference minidiff.inpainting.img2img_start_latents"]),
+    ("A6.cross_attention", "multiplies by sqrt(d) (found by fitting the scale)", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) * math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["scales the logits wrongly", "multiplies them by sqrt(d) = sqrt(4) instead of dividing"]),
+    ("A6.cross_attention", "divides by sqrt(N), the number of image tokens", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(x.shape[1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["divides them by sqrt(N) = sqrt(5), the number of image tokens"]),
+    ("A6.cross_attention", "an odd scale: 0.3", ATTENTION_HEAD + """
+    logits = (0.3 * q @ k.transpose(1, 2)).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["c = 0.3", "the scale is 1 / sqrt(d)"]),
+    ("A6.cross_attention", "an additive mask (~m) * -inf: 0 * -inf is NaN", ATTENTION_HEAD + """
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]) + (~context_mask[:, None, :]) * float("-inf")
+    attn = logits.softmax(-1)
+    return attn @ v, attn
+""", ["NaN attention for prompts that have real tokens", "masked_fill"]),
+    ("A6.cross_attention", "the scale applied to attn after the softmax", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2)).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0) / math.sqrt(q.shape[-1])
+    return attn @ v, attn
+""", ["scales the attention after the softmax", "scale the logits before it"]),
+    ("A6.cross_attention", "NaN cleaned in attn after out was computed", ATTENTION_HEAD + """
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(~context_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(-1)
+    out = attn @ v
+    return out, attn.nan_to_num(0.0)
+""", ["returns the right attn but a wrong out (with NaN)", "after its NaN are set to 0"]),
+    ("A6.cross_attention", "1 - mask on a bool mask: torch's NotImplementedError is an attempt", ATTENTION_HEAD + """
+    pad = 1 - context_mask
+    logits = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).masked_fill(pad[:, None, :].bool(), float("-inf"))
+    attn = logits.softmax(-1).nan_to_num(0.0)
+    return attn @ v, attn
+""", ["raised NotImplementedError", "use the `~`", "(line "]),
+    ("A6.caption_dropout", "1 - drop on a bool tensor: an attempt, not a stub", DROPOUT_HEAD + """
+    keep = 1 - drop
+    return tokens * keep + empty_ids * drop, token_mask * keep + empty_mask * drop
+""", ["raised NotImplementedError", "logical_not()"]),
+    ("A6.caption_dropout", "empty ids with a mask of all True", DROPOUT_HEAD + """
+    return torch.where(drop, empty_ids, tokens), torch.where(drop, torch.ones_like(token_mask), token_mask)
+""", ["gives a dropped prompt empty_ids but a mask that is not empty_mask"]),
+    ("A6.caption_dropout", "real tokens replaced by <unk>", DROPOUT_HEAD + """
+    return torch.where(drop & token_mask, torch.full_like(tokens, 3), tokens), token_mask.clone()
+""", ["neither the prompt nor the empty prompt", "exactly empty_ids with empty_mask"]),
+    # ------------------------------------------------------------------------- A7.img2img_start (more)
+    ("A7.img2img_start", "starts one level late, x at that level too", START_HEAD + """
+    start = min(n - int(n * strength) + 1, n)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["starts one level late", "start = N - int(N * strength)"]),
+    ("A7.img2img_start", "starts one level early, x at that level too", START_HEAD + """
+    start = max(n - int(n * strength) - 1, 0)
+    tail = sigmas[start:]
+    if n - int(n * strength) == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(tail[0]))
+    return a * z0 + b * noise, tail
+""", ["starts one level early"]),
+    ("A7.img2img_start", "x noised at the next level", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(sigmas[min(start + 1, n)]))
+    return a * z0 + b * noise, tail
+""", ["noises z0 at the level after the start"]),
+    ("A7.img2img_start", "signal weight 1 / (1 + sigma^2)", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    s = float(tail[0])
+    return z0 / (1 + s**2) + s / math.sqrt(1 + s**2) * noise, tail
+""", ["uses 1 / (1 + sigma^2) as the signal weight"]),
+    ("A7.img2img_start", "noise weight sigma", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:]
+    if start == 0:
+        return noise.clone(), tail
+    s = float(tail[0])
+    return z0 / math.sqrt(1 + s**2) + s * noise, tail
+""", ["uses sigma as the noise weight"]),
+    ("A7.img2img_start", "tail without the final 0", START_HEAD + """
+    start = n - int(n * strength)
+    tail = sigmas[start:-1]
+    if start == 0:
+        return noise.clone(), tail
+    a, b = coeffs(float(sigmas[start]))
+    return a * z0 + b * noise, tail
+""", ["drops the final level 0 from tail"]),
+    ("A7.inpaint_denoise", "the known region without the signal weight a", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * (z0 + b * noise)
+    return mask * denoiser(x_in, sigma) + (1 - mask) * z0
+""", ["leaves out the signal weight a"]),
+    ("A7.inpaint_denoise", "the denoiser given sigma as (B, 1, 1, 1)", INPAINT_HEAD + """
+    x_in = mask * x + (1 - mask) * (a * z0 + b * noise)
+    return mask * denoiser(x_in, s) + (1 - mask) * z0
+""", ["the denoiser takes sigma of shape (B,)", "got (3, 1, 1, 1)"]),
     # ------------------------------------------------------------------------- A7.inpaint_denoise
     ("A7.inpaint_denoise", "mask of the output inverted", INPAINT_HEAD + """
     x0_hat = denoiser(mask * x + (1 - mask) * (a * z0 + b * noise), sigma)

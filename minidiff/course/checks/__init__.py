@@ -21,9 +21,7 @@ import json
 import os
 import signal
 import threading
-import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,7 +31,9 @@ from minidiff.course.checks.diagnose import (
     describe_difference,
     extra_noise,
     library_step,
+    is_stub,
     reference_codes,
+    student_line,
     trace_references,
     with_helpers,
 )
@@ -42,7 +42,6 @@ __all__ = ["CheckResult", "Task", "TASKS", "task", "check", "run_task", "regrade
            "Mismatch", "call", "expect", "extra_noise", "library_step", "LOG_ENV"]
 
 LOG_ENV = "MINIDIFF_GRADE_LOG"
-_LIBRARY_DIRS = (str(Path(__file__).resolve().parents[2]), str(Path(torch.__file__).resolve().parent))
 
 
 @dataclass
@@ -115,16 +114,6 @@ class _TimeLimit(BaseException):
     Exception`` in student code cannot swallow it)."""
 
 
-def _student_line(exc: BaseException) -> str:
-    """' (line N: `code`)' for the deepest frame of the traceback that is not torch or minidiff code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(_LIBRARY_DIRS) and "site-packages" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (line {f.lineno}: `{f.line.strip()}`)" if f.line else f" (line {f.lineno})"
-
-
 def _arg_names(fn, args, kwargs) -> list[tuple[str, object]]:
     try:
         return list(inspect.signature(fn).bind(*args, **kwargs).arguments.items())
@@ -139,11 +128,13 @@ def call(fn, *args, hint: str = "", **kwargs):
         with trace_references(_ACTIVE["codes"]):
             out = fn(*args, **kwargs)
     except NotImplementedError as e:
-        raise NotAttempted() from e
+        if is_stub(e):
+            raise NotAttempted() from e
+        raise StudentError(f"raised NotImplementedError: {str(e).splitlines()[0][:300]}{student_line(e)}.") from e
     except Exception as e:  # noqa: BLE001 -- any student exception becomes a report, never a crash
         detail = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
         shape_hint = f" Hint: {hint}" if hint and "size of tensor" in str(e) else ""
-        raise StudentError(f"raised {detail}{_student_line(e)}.{shape_hint}") from e
+        raise StudentError(f"raised {detail}{student_line(e)}.{shape_hint}") from e
     for name, old in before:
         new = dict(_arg_names(fn, args, kwargs))[name]
         if new.shape != old.shape or not torch.equal(new.detach(), old):

@@ -137,8 +137,39 @@ def _name_variant(got, want, wrong, case: str) -> None:
             raise Mismatch(f"{message} [case: {case}]")
 
 
+def _name_scale(attn, inputs, want, case: str) -> None:
+    """Name logits scaled by a wrong factor c (any c, not only the listed ones): fit log attn = c Q K^T + const
+    over each row's real keys and, if masked softmax(c Q K^T) is what the student returned, say what c is."""
+    x, context, context_mask, w_q, w_k, w_v = (t.double() if t.is_floating_point() else t for t in inputs)
+    (B, N, L), d = want[1].shape, w_q.shape[1]
+    if attn.shape != (B, N, L) or not torch.isfinite(attn).all():
+        return
+    a, raw = attn.detach().double(), (x @ w_q) @ (context @ w_k).transpose(1, 2)  # raw: Q K^T, unscaled
+    keys, fits = context_mask[:, None, :].expand(B, N, L), []
+    for la, r, k in zip(a.clamp_min(1e-300).log().flatten(0, 1), raw.flatten(0, 1), keys.flatten(0, 1)):
+        lc, rc = la[k] - la[k].mean(), r[k] - r[k].mean()
+        if k.sum() >= 2 and (rc**2).sum() > 1e-12:
+            fits.append((lc * rc).sum() / (rc**2).sum())  # least squares: log attn - const = c (Q K^T)
+    if not fits:
+        return
+    c = float(torch.stack(fits).median())
+    if not math.isfinite(c) or math.isclose(c, 1 / math.sqrt(d), rel_tol=1e-3):
+        return
+    fitted = (raw * c).masked_fill(~keys, float("-inf")).softmax(-1).nan_to_num(0.0)
+    if not torch.allclose(fitted, a, rtol=1e-3, atol=1e-5):
+        return
+    names = {f"multiplies them by sqrt(d) = sqrt({d}) instead of dividing": math.sqrt(d),
+             f"divides them by sqrt(N) = sqrt({N}), the number of image tokens": 1 / math.sqrt(N),
+             f"divides them by sqrt(L) = sqrt({L}), the number of context tokens": 1 / math.sqrt(L)}
+    named = [n for n, v in names.items() if math.isclose(c, v, rel_tol=1e-3)]
+    what = " or ".join(named) if named else f"scales them by {c:.4g}"
+    raise Mismatch(f"scales the logits wrongly: your attention is softmax(c Q K^T) with c = {c:.4g}, i.e. it {what}; "
+                   f"the scale is 1 / sqrt(d) = 1 / sqrt({d}) = {1 / math.sqrt(d):.4g}, d = w_q.shape[1] "
+                   f"[case: {case}]")
+
+
 def _name_structure(out, attn, want, context_mask, case: str) -> None:
-    """Name what is wrong with attn (NaN, row sums, weight on padding) or out's width, if it is recognisable."""
+    """Name what is wrong with attn (NaN, row sums, weight on padding) or out, if it is recognisable."""
     (B, N, L), d = want[1].shape, want[0].shape[-1]
     if attn.shape != (B, N, L):
         return  # expect() names the shape
@@ -146,7 +177,14 @@ def _name_structure(out, attn, want, context_mask, case: str) -> None:
     if torch.isnan(a[~has_words]).any():
         raise Mismatch(f"gives NaN for a prompt with no real token (mask all False): softmax over no keys is 0 / 0; "
                        f"set that row's attention and output to 0 [case: {case}]")
+    if torch.isnan(a[has_words]).any():
+        raise Mismatch(f"gives NaN attention for prompts that have real tokens: a mask added as mask * -inf makes "
+                       f"0 * -inf = NaN on the real tokens; use logits.masked_fill(~context_mask[:, None, :], "
+                       f"float('-inf')) [case: {case}]")
     sums = a[has_words].sum(dim=-1)
+    if sums.numel() and torch.allclose(sums, torch.full_like(sums, 1 / math.sqrt(d)), rtol=1e-4):
+        raise Mismatch(f"scales the attention after the softmax (rows sum to 1 / sqrt(d) = {1 / math.sqrt(d):.4g}); "
+                       f"scale the logits before it: softmax(Q K^T / sqrt(d)) [case: {case}]")
     if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         raise Mismatch(f"returns attention rows that do not sum to 1 over the context tokens (sums from "
                        f"{sums.min():.3g} to {sums.max():.3g}): softmax over the last axis, after masking the logits "
@@ -158,6 +196,11 @@ def _name_structure(out, attn, want, context_mask, case: str) -> None:
     if out.ndim == 3 and out.shape[:2] == (B, N) and out.shape[-1] != d:
         raise Mismatch(f"returns out of width {out.shape[-1]}; out = attn @ V has the width d = {d} of "
                        f"V = context @ w_v [case: {case}]")
+    if _close(attn, want[1]) and out.shape == want[0].shape and not _close(out, want[0]):
+        nan = torch.isnan(out).any()
+        raise Mismatch(f"returns the right attn but a wrong out{' (with NaN)' if nan else ''}: out = attn @ V with "
+                       f"V = context @ w_v" + (", computed from the attention after its NaN are set to 0"
+                                               if nan else "") + f" [case: {case}]")
 
 
 def _attention_inputs(g, B, N, L, C, D, d, lengths=None, *, mask=None, scale=1.0, dtype=torch.float32):
@@ -209,6 +252,7 @@ def check_cross_attention(student) -> str:
         out, attn = expect_pair(_call_attention(student, inputs, case), "out, attn", case)
         if not _same_pair((out, attn), want):
             _name_variant((out, attn), want, _attention_wrong(*inputs), case)
+            _name_scale(attn, inputs, want, case)
             _name_structure(out, attn, want, inputs[2], case)
         hint = "Keep the dtype of x."
         expect(attn, want[1], case=case, what="attn", rtol=RTOL, atol=ATOL, dtype_hint=hint)

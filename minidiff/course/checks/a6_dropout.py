@@ -51,10 +51,15 @@ def _row_mistake(out_ids, out_mask, ids, mask, empty_ids, empty_mask, case: str)
     if (ids_kept & mask_empty & ~mask_kept).any() or (ids_kept & ~out_mask.any(dim=1)).any():
         return Mismatch(f"changes the mask of a dropped prompt but keeps its ids: the ids must become empty_ids "
                         f"too [case: {case}]")
+    if (ids_empty & ~mask_empty & ~(ids_kept & mask_kept)).any():
+        return Mismatch(f"gives a dropped prompt empty_ids but a mask that is not empty_mask: the mask of the empty "
+                        f"prompt is True on <bos> <eos> only, so it must become empty_mask [case: {case}]")
     if ((out_ids == ids) | (out_ids == empty_ids)).all():
         return Mismatch(f"drops single tokens: some prompts are partly kept and partly the empty prompt; drop whole "
                         f"prompts, one draw per row: torch.rand((B,), generator=generator) < p [case: {case}]")
-    return Mismatch(f"returns rows that are neither the prompt nor the empty prompt [case: {case}]")
+    return Mismatch(f"returns rows that are neither the prompt nor the empty prompt: a dropped prompt becomes "
+                    f"exactly empty_ids with empty_mask (not <unk>, padding or other tokens) and a kept one is "
+                    f"returned unchanged [case: {case}]")
 
 
 def _dropout_statistics(student) -> None:

@@ -54,7 +54,8 @@ def _start_wrong(z0, sigmas, strength, noise):
         s = float(tail[0])
         a, b = _vp(s)
         x = {"vp": a * z0 + b * noise, "ve": z0 + s * noise, "ab": a**2 * z0 + b**2 * noise,
-             "lerp": a * z0 + (1 - a) * noise, "sqrt1ma": a * z0 + math.sqrt(1 - a) * noise}[noising]
+             "lerp": a * z0 + (1 - a) * noise, "sqrt1ma": a * z0 + math.sqrt(1 - a) * noise,
+             "a_sq": a**2 * z0 + b * noise, "sigma": a * z0 + s * noise}[noising]
         return x, tail
     right = n - min(int(n * strength), n)
     return [
@@ -67,6 +68,14 @@ def _start_wrong(z0, sigmas, strength, noise):
          lambda: at(n - round(n * strength))),
         ("rounds N * strength up (ceil); diffusers' rule truncates: start = N - int(N * strength)",
          lambda: at(n - math.ceil(n * strength))),
+        ("starts one level late, at N - int(N * strength) + 1: strength is the fraction of the N steps that run, "
+         "start = N - int(N * strength)", lambda: at(right + 1) if right < n else None),
+        ("starts one level early, at N - int(N * strength) - 1: strength is the fraction of the N steps that run, "
+         "start = N - int(N * strength)", lambda: at(right - 1) if right > 0 else None),
+        ("noises z0 at the level after the start, sigmas[start + 1]; x is the state at tail[0] = sigmas[start], "
+         "the level the sampler steps from", lambda: (at(right + 1)[0], sigmas[right:]) if right < n else None),
+        ("drops the final level 0 from tail; keep it, tail = sigmas[start:]: the sampler's last step goes to "
+         "sigma = 0", lambda: (at(right)[0], sigmas[right:-1])),
         ("returns the levels after the start, sigmas[start + 1:]; the start level itself is the first one the "
          "sampler steps from: tail = sigmas[start:]", lambda: (at(right)[0], sigmas[right + 1:])),
         ("noises z0 at the start level but returns the levels from one earlier, sigmas[start - 1:]: x and tail[0] "
@@ -79,6 +88,10 @@ def _start_wrong(z0, sigmas, strength, noise):
          "variance", lambda: at(right, "lerp")),
         ("uses sqrt(1 - a) as the noise weight; with a = sqrt(alpha_bar) it is b = sqrt(1 - a^2) = "
          "sqrt(1 - alpha_bar)", lambda: at(right, "sqrt1ma")),
+        ("uses 1 / (1 + sigma^2) as the signal weight; it is its square root, a = 1 / sqrt(1 + sigma^2)",
+         lambda: at(right, "a_sq")),
+        ("uses sigma as the noise weight (the VE state's); in the VP state it is b = sigma / sqrt(1 + sigma^2)",
+         lambda: at(right, "sigma")),
         ("noises z0 at the first level sigma_0 whatever the strength; the start state is at the start level "
          "tail[0] = sigmas[N - int(N * strength)]",
          lambda: (_vp(float(sigmas[0]))[0] * z0 + _vp(float(sigmas[0]))[1] * noise, sigmas[right:])),
@@ -113,6 +126,7 @@ def check_img2img_start(student) -> str:
         got_x, got_tail = expect_pair(call(student, z0, sigmas, strength, noise), "x, tail", case)
         if got_x.ndim == 1 and got_tail.shape == z0.shape:
             raise Mismatch(f"returns (tail, x); return them in the order (x, tail) [case: {case}]")
+        _name_start_pair(got_x, got_tail, (want_x, want_tail), _start_wrong(z0, sigmas, strength, noise), case)
         wrong = [(msg, (lambda f=f: _pick(f(), 1))) for msg, f in _start_wrong(z0, sigmas, strength, noise)]
         if got_tail.shape != want_tail.shape or not torch.equal(got_tail.double(), want_tail.double()):
             expect(got_tail, want_tail, case=case, what="tail", wrong=wrong)
@@ -137,6 +151,17 @@ def check_img2img_start(student) -> str:
     return f"matches minidiff.inpainting.img2img_start_latents on {n} cases (round/int/ceil apart, strength 0 and 1)"
 
 
+def _name_start_pair(got_x, got_tail, want, wrong, case: str) -> None:
+    """Name the mistake whose x *and* tail the student returned (one level late, or only the tail late, ...)."""
+    def same(a, b):
+        return a.shape == b.shape and torch.allclose(a.detach().double(), b.double(), rtol=1e-5, atol=1e-6)
+    for message, f in wrong:
+        v = f()
+        if v is not None and same(got_x, v[0]) and same(got_tail, v[1]) and not (same(v[0], want[0]) and
+                                                                               same(v[1], want[1])):
+            raise Mismatch(f"{message} [case: {case}]")
+
+
 def _pick(pair, k):
     return None if pair is None else pair[k]
 
@@ -146,6 +171,10 @@ class _Mixing(torch.nn.Module):
     """A fixed denoiser whose x0_hat at a cell depends on its neighbours and on sigma (B,)."""
 
     def forward(self, x, sigma, **cond):
+        if sigma.shape != x.shape[:1]:
+            raise ValueError(f"the denoiser takes sigma of shape (B,) = ({x.shape[0]},), one level per sample, got "
+                             f"{tuple(sigma.shape)}: pass sigma itself, and reshape only the copy that multiplies "
+                             f"the latents")
         s = sigma.to(x.dtype).view(-1, 1, 1, 1)
         blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         return torch.tanh(blur / (1 + s) + 0.1 * x.roll(1, dims=1))
@@ -189,6 +218,8 @@ def _inpaint_wrong(denoiser, x, sigma, z0, mask, noise):
          "a = 1 / sqrt(1 + sigma^2), b = sigma / sqrt(1 + sigma^2)", lambda: out(m * x + (1 - m) * (z0 + s * noise))),
         ("uses alpha_bar = a^2 and 1 - alpha_bar = b^2 as the coefficients; use their square roots a and b",
          lambda: out(m * x + (1 - m) * (a**2 * z0 + b**2 * noise))),
+        ("leaves out the signal weight a in the known region: the noised original is a z0 + b noise, with "
+         "a = 1 / sqrt(1 + sigma^2)", lambda: out(m * x + (1 - m) * (z0 + b * noise))),
         ("returns the noised original a z0 + b noise in the known region; the denoiser contract returns x0_hat, "
          "so the known region's estimate is z0 itself", lambda: out(m * x + (1 - m) * known, keep=known)),
         ("uses sigma[0] for every sample; sigma has one level per sample, shape (B,): reshape it to (B, 1, 1, 1)",

@@ -18,13 +18,17 @@ import importlib
 import inspect
 import math
 import sys
+import traceback
 import types
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 __all__ = ["reference_codes", "trace_references", "ReferenceCalled", "describe_difference", "probe_inputs",
-           "with_helpers", "extra_noise", "library_step"]
+           "with_helpers", "extra_noise", "library_step", "is_stub", "student_line"]
+
+_LIBRARY_DIRS = (str(Path(__file__).resolve().parents[2]), str(Path(torch.__file__).resolve().parent))
 
 
 class ReferenceCalled(BaseException):
@@ -233,3 +237,24 @@ def name_drop_fraction(frac: float, p: float, n: int, what: str) -> None:
                        f"drop when torch.rand(...) < p")
     if abs(frac - p) > 5 * sd:
         raise Mismatch(f"drops a fraction {frac:.3f} of the {what} at p = {p}, expected about {p}")
+
+
+# ----------------------------------------------------------------------------- where an exception came from
+def _library_frame(frame: traceback.FrameSummary) -> bool:
+    return frame.filename.startswith(_LIBRARY_DIRS) or "site-packages" in frame.filename
+
+
+def is_stub(exc: NotImplementedError) -> bool:
+    """True when the student's own code raised it (the stub's ``raise NotImplementedError()``), not torch: ``1 - mask``
+    on a bool mask also raises NotImplementedError, and that is an attempt with a bug, not an untouched stub."""
+    last = (traceback.extract_tb(exc.__traceback__) or [None])[-1]  # line is "" where the source is not at hand
+    return last is not None and not _library_frame(last) and (not last.line or "NotImplementedError" in last.line)
+
+
+def student_line(exc: BaseException) -> str:
+    """' (line N: `code`)' for the deepest frame of the traceback that is not torch or minidiff code."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _library_frame(f)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (line {f.lineno}: `{f.line.strip()}`)" if f.line else f" (line {f.lineno})"
