@@ -20,10 +20,12 @@ __all__ = ["CFGDenoiser", "rescale_guidance", "condition_dropout", "caption_drop
 
 
 def _check_scales(guidance_scale: float, guidance_rescale: float) -> None:
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be finite and >= 0 (1 = no guidance), got {guidance_scale}")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1] (0 = off), got {guidance_rescale}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
+            not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be finite and >= 0 (a number; 1 = no guidance), got {guidance_scale!r}")
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
+            not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 = off), got {guidance_rescale!r}")
 
 
 def rescale_guidance(x0_cfg: torch.Tensor, x0_c: torch.Tensor, guidance_rescale: float) -> torch.Tensor:

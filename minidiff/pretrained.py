@@ -9,6 +9,7 @@ time, hardware, metrics).
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from minidiff.files import WEIGHTS_DIR, CheckpointError, read_metadata
 from minidiff.training.checkpoint import (MODEL_FORMAT, TEXT_MODEL_FORMAT, VAE_FORMAT, load_model, load_text_model,
                                          load_vae)
 
-__all__ = ["WEIGHTS_DIR", "available", "load", "load_pipeline", "model_card"]
+__all__ = ["WEIGHTS_DIR", "UnknownModelError", "available", "load", "load_pipeline", "model_card"]
 
 
 def _is_denoiser_file(path: Path) -> bool:
@@ -44,11 +45,29 @@ def available(*, weights_dir=None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.safetensors") if _is_denoiser_file(p))
 
 
+class UnknownModelError(KeyError, ValueError):
+    """No shipped model of that name (a KeyError, and a ValueError; printed without KeyError's quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _path(name: str, weights_dir, suffix: str) -> Path:
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     known = available(weights_dir=folder)
     if name not in known:
-        raise KeyError(f"unknown pretrained model {name!r}; available in {folder}: {known}")
+        if not folder.is_dir():
+            raise UnknownModelError(f"unknown pretrained model {name!r}: the weights folder {folder} does not exist")
+        key = str(name).lower().replace("_", "-").removesuffix(".safetensors")
+        close = [key] if key in known else difflib.get_close_matches(key, known, n=1)
+        loaders = {"classifier-": "minidiff.eval.classifiers.load_classifier",
+                   "shapes-clip": "minidiff.models.clip.load_clip"}
+        elsewhere = [f" ({name!r} is not a diffusion model or autoencoder: load it with {f})"
+                     for prefix, f in loaders.items()
+                     if str(name).startswith(prefix) and (folder / f"{name}{suffix}").exists()]
+        raise UnknownModelError(f"unknown pretrained model {name!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                                        else "") + "".join(elsewhere) +
+                                f"; available in {folder}: {known}")
     return folder / f"{name}{suffix}"
 
 

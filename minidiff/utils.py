@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-__all__ = ["append_dims", "get_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
+__all__ = ["append_dims", "get_device", "resolve_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
            "check_generator", "check_tensor", "command_line"]
 
 
@@ -43,6 +43,24 @@ def get_device(prefer: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(device=None) -> torch.device:
+    """``device`` (a str, an int GPU index or a torch.device; None = CPU) as a torch.device that this machine has,
+    else a ValueError that names it: loaders call this so that ``device="cuda"`` without a GPU fails plainly."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps', an int GPU index or a torch.device, "
+                         f"got {device!r}") from e
+    mps = getattr(torch.backends, "mps", None)
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not (mps and
+                                                                                          mps.is_available())):
+        raise ValueError(f"device={device!r}, but {dev.type.upper()} is not available on this machine: use 'cpu', "
+                         f"or minidiff.utils.get_device() for the best device there is")
+    return dev
 
 
 def smoke_mode() -> bool:

@@ -105,7 +105,7 @@ def test_bad_guidance_scale_is_named(scale):
 
 @pytest.mark.parametrize("phi", [-0.1, 1.5])
 def test_bad_guidance_rescale_is_named(phi):
-    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a number in \[0, 1\]"):
         CFGDenoiser(CountingDenoiser(), 3.0, uncond={}, guidance_rescale=phi)
 
 

@@ -62,6 +62,33 @@ def test_unknown_name_lists_available(weights_dir):
         pretrained.model_card("nope", weights_dir=weights_dir[0])
 
 
+@pytest.mark.parametrize("typo", ["shapes64-txt", "Shapes64-Text", "shapes64_text", "shapes64-text.safetensors"])
+def test_a_near_miss_name_suggests_the_model(typo):
+    with pytest.raises(ValueError, match=f"unknown pretrained model '{typo}' \\(did you mean 'shapes64-text'\\?\\)") as e:
+        pretrained.load(typo)
+    assert str(e.value).startswith("unknown pretrained model")  # no KeyError quotes around the message
+    assert isinstance(e.value, KeyError)  # and still a KeyError, for code that catches that
+
+
+def test_classifier_and_clip_files_point_to_their_loaders():
+    with pytest.raises(ValueError, match="load it with minidiff.eval.classifiers.load_classifier"):
+        pretrained.load("classifier-shapes")
+    with pytest.raises(ValueError, match="load it with minidiff.models.clip.load_clip"):
+        pretrained.load_pipeline("shapes-clip")
+    with pytest.raises(ValueError, match="weights folder .*does not exist"):
+        pretrained.load("toy", weights_dir="/nonexistent/weights")
+
+
+@pytest.mark.parametrize("device, match", [
+    ("gpu", "device must be 'cpu', 'cuda'"), ("cuda", "CUDA is not available on this machine"),
+    (0, "device=0, but CUDA is not available")])
+def test_loading_on_a_device_this_machine_lacks_is_named(device, match):
+    if torch.cuda.is_available() and device != "gpu":
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=match):
+        pretrained.load("shapes64-vae", device=device)
+
+
 def test_corrupted_file_gives_clear_error(weights_dir):
     path = weights_dir[0] / "toy.safetensors"
     path.write_bytes(path.read_bytes()[:1000])

@@ -102,6 +102,9 @@ def test_unknown_words_warn_naming_them_and_become_unk():
         ids, _ = TOK(["a zebra circle above a hexagon"])
     assert ids[0, :8].tolist() == [BOS, 4, UNK, 13, 18, 4, UNK, EOS]
     assert TOK.decode(ids) == ["a <unk> circle above a <unk>"]
+    with pytest.warns(UserWarning, match=r"\['cirlce', 'squre'\] became <unk>.*did you mean: 'cirlce' -> 'circle'\?, "
+                                         r"'squre' -> 'square'\?"):
+        TOK(["a red cirlce above a blue squre"])
 
 
 def test_truncation_warns_keeping_eos_last_or_raises():
@@ -119,6 +122,9 @@ def test_truncation_warns_keeping_eos_last_or_raises():
 def test_tokenizer_bad_input_is_refused():
     with pytest.raises(ValueError, match="prompts is empty"):
         TOK([])
+    for bad in (None, 5, b"a red circle"):
+        with pytest.raises(ValueError, match="prompts must be a str or a list of str, got"):
+            TOK(bad)
     with pytest.raises(ValueError, match="a prompt must be a str, got int"):
         TOK(["a red circle", 3])
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):

@@ -17,6 +17,7 @@ A prompt with more than ``max_length - 2`` words is truncated, keeping ``<eos>``
 """
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 
@@ -80,8 +81,11 @@ class Tokenizer:
         words = split_words(prompt)
         unknown = sorted({w for w in words if w not in self.ids})
         if unknown:
+            close = {w: difflib.get_close_matches(w, self.vocabulary[len(SPECIAL_TOKENS):], n=1) for w in unknown}
+            hints = ", ".join(f"{w!r} -> {c[0]!r}?" for w, c in close.items() if c)
             warnings.warn(f"prompt {prompt!r}: words not in the vocabulary {unknown} became <unk>; the model has "
-                          f"never seen them (known words: tokenizer.vocabulary)", stacklevel=3)
+                          f"never seen them" + (f" (did you mean: {hints})" if hints else "") +
+                          " (known words: tokenizer.vocabulary)", stacklevel=3)
         room = self.max_length - 2
         if len(words) > room:
             message = (f"prompt {prompt!r} has {len(words)} words but max_length={self.max_length} leaves room "
@@ -94,9 +98,9 @@ class Tokenizer:
 
     def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, max_length) int64 padded with <pad>, mask (B, max_length) bool, True on real tokens)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt (\"\" is the empty prompt)")
         ids = torch.full((len(prompts), self.max_length), PAD, dtype=torch.int64)

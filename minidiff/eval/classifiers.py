@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidiff.files import WEIGHTS_DIR, file_sha256, read_safetensors, write_safetensors
+from minidiff.utils import resolve_device
 
 __all__ = ["ClassifierConfig", "Classifier", "CONFIGS", "WEIGHTS_DIR", "build_classifier", "classifier_loss",
            "attrs_to_targets", "head_accuracy", "extract_features", "save_classifier", "load_classifier",
@@ -238,7 +239,7 @@ def load_classifier(name_or_path="fashion-mnist", *, device=None, check_card: bo
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the architecture in its metadata: {err}") from err
-    return model.to(device or "cpu").eval()
+    return model.to(resolve_device(device)).eval()
 
 
 # ---------------------------------------------------------------- optional: Inception FID (needs a download)
@@ -257,7 +258,7 @@ def inception_features(images: torch.Tensor, *, batch_size: int = 50, device=Non
                            f"downloaded ({err!r}); use the shipped classifier features (load_classifier) "
                            "instead, or put the weights into $TORCH_HOME/hub/checkpoints") from err
     net.fc = nn.Identity()
-    net = net.to(device or "cpu").eval()
+    net = net.to(resolve_device(device)).eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     feats = []

@@ -37,6 +37,7 @@ from minidiff.data.shapes import COLORS, HELD_OUT, SHAPES, SIZES, ShapesDataset,
 from minidiff.data.tokenizer import EOS, Tokenizer
 from minidiff.files import WEIGHTS_DIR, file_sha256, hardware_info, read_safetensors, write_safetensors
 from minidiff.models.text_encoder import TransformerTextEncoder
+from minidiff.utils import resolve_device
 
 __all__ = ["CLIPConfig", "TinyCLIP", "hard_negative", "clip_loss", "train_clip", "clip_score", "save_clip",
            "load_clip", "evaluate_clip", "train_shapes_clip", "CLIP_FORMAT"]
@@ -201,7 +202,7 @@ def load_clip(name_or_path: str = "shapes-clip", *, device=None) -> TinyCLIP:
     config = CLIPConfig(**{**spec["clip"], "widths": tuple(spec["clip"]["widths"])})
     model = TinyCLIP(config, Tokenizer(spec["vocabulary"], max_length=spec["max_length"]))
     model.load_state_dict(tensors)
-    return model.to(device or "cpu").eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int = 5, argv=()) -> Path:

@@ -22,9 +22,13 @@ from minidiff.schedules import SAMPLING_SPACINGS, sampling_sigmas
 
 __all__ = ["check_prompts", "guided_text_denoiser", "text_to_image_latents"]
 
+MAX_STEPS = 1000  # the text models' T: more sampling levels than training levels is never what was meant
+
 
 def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] | None]:
     """(prompts, negative prompts) as lists of str; a str is one prompt, a single negative prompt is broadcast."""
+    if not isinstance(prompts, (str, list, tuple)):
+        raise ValueError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt, e.g. ['a small red circle'] (\"\" is the "
@@ -34,6 +38,8 @@ def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] |
         raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__}: {bad[0]!r}")
     if negative_prompt is None:
         return prompts, None
+    if not isinstance(negative_prompt, (str, list, tuple)):
+        raise ValueError(f"negative_prompt must be None, a str or a list of str, got {type(negative_prompt).__name__}")
     negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negative) != len(prompts):
         raise ValueError(f"negative_prompt must be one str or a list with one per prompt ({len(prompts)}), got a "
@@ -48,11 +54,11 @@ def _check_options(guidance: float, sampler: str, steps: int, spacing: str) -> N
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0 (1 = no guidance, 0 = the unconditional model), "
                          f"got {guidance!r}")
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if spacing not in SAMPLING_SPACINGS:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int from 1 to {MAX_STEPS} (the training table's T), got {steps!r}")
+    if not isinstance(spacing, str) or spacing not in SAMPLING_SPACINGS:
         raise ValueError(f"spacing must be one of {list(SAMPLING_SPACINGS)}, got {spacing!r}")
 
 

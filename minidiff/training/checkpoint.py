@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from minidiff.files import CheckpointError, atomic_write_bytes, read_metadata, read_safetensors, write_safetensors
+from minidiff.utils import resolve_device
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_config",
            "save_model", "load_model", "save_vae", "load_vae", "save_text_model", "load_text_model", "read_metadata",
@@ -175,7 +176,7 @@ def load_model(path, *, device=None, clip_x0: bool = False):
                               "was edited: re-export the model") from None
     denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], clip_x0=clip_x0,
                         image_shape=spec.get("image_shape"))
-    return denoiser.to(device or "cpu").eval()
+    return denoiser.to(resolve_device(device)).eval()
 
 
 def save_vae(path, vae, *, card: dict | None = None) -> Path:
@@ -203,7 +204,7 @@ def load_vae(path, *, device=None):
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit the architecture in its spec; the spec was edited: "
                               f"re-export the autoencoder ({str(err).splitlines()[0]})") from None
-    return vae.to(device or "cpu").eval()
+    return vae.to(resolve_device(device)).eval()
 
 
 def save_text_model(path, denoiser, *, card: dict | None = None) -> Path:
@@ -245,4 +246,4 @@ def load_text_model(path, *, device=None):
         raise CheckpointError(f"{path}: its spec or weights do not describe a text model ({str(err).splitlines()[0]}); "
                               "re-export it, or reinstall minidiff for a shipped model") from None
     denoiser = Denoiser(net, tensors["alphas_cumprod"], prediction=spec["prediction"], image_shape=spec["image_shape"])
-    return denoiser.to(device or "cpu").eval()
+    return denoiser.to(resolve_device(device)).eval()
