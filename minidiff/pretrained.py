@@ -59,12 +59,12 @@ def _path(name: str, weights_dir, suffix: str) -> Path:
         if not folder.is_dir():
             raise UnknownModelError(f"unknown pretrained model {name!r}: the weights folder {folder} does not exist")
         key = str(name).lower().replace("_", "-").removesuffix(".safetensors")
-        close = [key] if key in known else difflib.get_close_matches(key, known, n=1)
-        loaders = {"classifier-": "minidiff.eval.classifiers.load_classifier",
-                   "shapes-clip": "minidiff.models.clip.load_clip"}
+        loaders = {"classifier-": f"minidiff.eval.classifiers.load_classifier({str(name)[11:]!r})",
+                   "shapes-clip": "minidiff.models.clip.load_clip('shapes-clip')"}
         elsewhere = [f" ({name!r} is not a diffusion model or autoencoder: load it with {f})"
                      for prefix, f in loaders.items()
                      if str(name).startswith(prefix) and (folder / f"{name}{suffix}").exists()]
+        close = [] if elsewhere else [key] if key in known else difflib.get_close_matches(key, known, n=1)
         raise UnknownModelError(f"unknown pretrained model {name!r}" + (f" (did you mean {close[0]!r}?)" if close
                                                                         else "") + "".join(elsewhere) +
                                 f"; available in {folder}: {known}")

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-__all__ = ["append_dims", "get_device", "resolve_device", "smoke_mode", "smoke", "budget", "check_finite", "randn", "rand",
-           "check_generator", "check_tensor", "command_line"]
+__all__ = ["append_dims", "get_device", "resolve_device", "smoke_mode", "smoke", "budget", "check_finite", "randn",
+           "rand", "check_generator", "check_tensor", "command_line"]
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -60,6 +60,9 @@ def resolve_device(device=None) -> torch.device:
                                                                                           mps.is_available())):
         raise ValueError(f"device={device!r}, but {dev.type.upper()} is not available on this machine: use 'cpu', "
                          f"or minidiff.utils.get_device() for the best device there is")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     return dev
 
 

@@ -373,6 +373,12 @@ def test_not_attempted_and_student_exceptions_are_reported(capsys):
 
     assert checks.check("A1.snr", stub).status == "not attempted"
     assert "NOT ATTEMPTED A1.snr (0/1)" in capsys.readouterr().out
+    namespace = {}  # the grader's re-check compiles definitions; without their source a bare stub is still one
+    exec(compile("def snr(ab):\n    raise NotImplementedError()\n", "<no source>", "exec"), namespace)  # noqa: S102
+    assert checks.run_task("A1.snr", namespace["snr"]).status == "not attempted"
+    exec(compile("def snr(ab):\n    raise NotImplementedError('a message: not the stub')\n", "<no source>", "exec"),
+         namespace)  # noqa: S102
+    assert checks.run_task("A1.snr", namespace["snr"]).status == "error"
     result = checks.run_task("A1.snr", crashes)
     assert result.status == "error" and "NameError" in result.message
     assert f"(line {crashes.__code__.co_firstlineno + 1}: `return ab / undefined_name" in result.message  # the student's own line

@@ -987,6 +987,10 @@ def img2img_start(z0, sigmas, strength, noise):
     keep = 1 - drop
     return tokens * keep + empty_ids * drop, token_mask * keep + empty_mask * drop
 """, ["raised NotImplementedError", "logical_not()"]),
+    ("A6.caption_dropout", "drop - 1 on a bool tensor: torch raises from C, in the student's own frame", DROPOUT_HEAD + """
+    keep = (drop - 1).abs()
+    return tokens * keep + empty_ids * drop, token_mask * keep + empty_mask * drop
+""", ["raised NotImplementedError: Subtraction"]),
     ("A6.caption_dropout", "empty ids with a mask of all True", DROPOUT_HEAD + """
     return torch.where(drop, empty_ids, tokens), torch.where(drop, torch.ones_like(token_mask), token_mask)
 """, ["gives a dropped prompt empty_ids but a mask that is not empty_mask"]),

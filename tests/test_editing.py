@@ -154,9 +154,12 @@ def test_bad_masks_are_named(pipe, scenes, mask, message):
         pipe.inpaint(scenes[1], scenes[0], mask, **KW)
 
 
-def test_all_zero_mask_is_a_no_op(pipe, scenes, round_trip):
-    out = pipe.inpaint(scenes[1], scenes[0], torch.zeros(64, 64), generator=_gen(), **KW)
+def test_all_zero_mask_is_a_no_op_and_says_so(pipe, scenes, round_trip):
+    with pytest.warns(UserWarning, match="mask selects no pixel .*round trip"):
+        out = pipe.inpaint(scenes[1], scenes[0], torch.zeros(64, 64), generator=_gen(), **KW)
     assert torch.equal(out, round_trip)
+    with pytest.warns(UserWarning, match="mask selects no pixel"):  # a soft 0.3 mask binarises to nothing
+        pipe.inpaint(scenes[1], scenes[0], torch.full((64, 64), 0.3), generator=_gen(), steps=1, progress=False)
 
 
 def test_bad_images_and_prompt_counts_are_named(pipe, scenes):
@@ -171,6 +174,34 @@ def test_bad_images_and_prompt_counts_are_named(pipe, scenes):
         pipe.inpaint(prompts, (images > 0).long(), _box_mask(), **KW)
     with pytest.raises(ValueError, match="one per image \\(4\\), got 2"):
         pipe.inpaint(prompts[:2], images, _box_mask(), **KW)
+    with pytest.raises(ValueError, match="8-bit pixels: x.float\\(\\) / 127.5 - 1"):
+        pipe.image_to_image(prompts, ((images + 1) * 127.5).to(torch.uint8), **KW)
+    with pytest.raises(ValueError, match="numpy array: torch.from_numpy"):
+        pipe.image_to_image(prompts, images.numpy(), **KW)
+    with pytest.raises(ValueError, match="keep_unmasked must be True or False, got 'no'"):
+        pipe.inpaint(prompts, images, _box_mask(), keep_unmasked="no", **KW)
+
+
+def test_images_in_0_1_are_warned_about(pipe, scenes):
+    images, prompts = scenes
+    with pytest.warns(UserWarning, match="no value below 0.*images \\* 2 - 1"):
+        pipe.image_to_image(prompts[:1], (images[:1] + 1) / 2, strength=0.0, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("image_to_image", {"stength": 0.5}, "image_to_image\\(\\) got an unknown option 'stength' \\(did you mean "
+                                         "'strength'\\?\\); its options: strength, output, negative_prompt"),
+    ("inpaint", {"strength": 0.5}, "inpaint\\(\\) got an unknown option 'strength'; its options: output, jumps, keep_unmasked"),
+    ("outpaint", {"mask": None}, "outpaint\\(\\) got an unknown option 'mask'"),
+    ("outpaint", {"gudance": 3.0}, "did you mean 'guidance'"),
+])
+def test_unknown_editing_options_are_named(pipe, scenes, method, options, match):
+    images, prompts = scenes
+    args = {"image_to_image": (prompts, images), "inpaint": (prompts, images, _box_mask()),
+            "outpaint": (prompts, images)}[method]
+    extra = {"right": 8} if method == "outpaint" else {}
+    with pytest.raises(ValueError, match=match):
+        getattr(pipe, method)(*args, **extra, **options, **KW)
 
 
 # ================================================================ training-free inpainting

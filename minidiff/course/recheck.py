@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import linecache
 import re
 import subprocess
 import sys
@@ -92,9 +93,11 @@ def main() -> int:
         return 3
     job = json.loads(sys.stdin.read())
     namespace = {"__name__": "__student__"}
-    for statement in job["definitions"]:
+    for i, statement in enumerate(job["definitions"]):
+        filename = f"<student notebook, definition {i + 1}>"  # its lines in linecache: tracebacks quote them
+        linecache.cache[filename] = (len(statement), None, statement.splitlines(keepends=True), filename)
         try:
-            exec(compile(statement, "<student notebook>", "exec"), namespace)  # noqa: S102 -- definitions only
+            exec(compile(statement, filename, "exec"), namespace)  # noqa: S102 -- definitions only
         except Exception as e:  # noqa: BLE001 -- one failing import must not hide the other functions
             print("SKIPPED " + json.dumps({"statement": statement.splitlines()[0][:120],
                                            "error": f"{type(e).__name__}: {e}"}))

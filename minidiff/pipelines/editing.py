@@ -20,6 +20,8 @@ prompt, CFG (``guided_text_denoiser``) and any sampler:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -37,8 +39,12 @@ __all__ = ["check_images", "match_batch", "encode_images", "image_to_image_laten
 def check_images(images, vae) -> torch.Tensor:
     """images as float (B, 3, H, W) in [-1, 1] with H, W multiples of the autoencoder's factor; clear errors."""
     if not torch.is_tensor(images) or not images.dtype.is_floating_point:
+        hint = (" (a numpy array: torch.from_numpy(a).float(), channels first)" if type(images).__module__ == "numpy"
+                else " (8-bit pixels: x.float() / 127.5 - 1)" if torch.is_tensor(images) and images.dtype == torch.uint8
+                else "")
         raise ValueError(f"images must be a float tensor (B, 3, H, W) in [-1, 1], got "
-                         f"{getattr(images, 'dtype', type(images).__name__)}")
+                         f"{type(images).__name__}" + (f" of dtype {images.dtype}" if hasattr(images, "dtype") else "")
+                         + hint)
     if images.ndim == 3:
         raise ValueError(f"images must have a batch axis, (B, 3, H, W); for one image use images[None], got "
                          f"{tuple(images.shape)}")
@@ -49,6 +55,10 @@ def check_images(images, vae) -> torch.Tensor:
     if not torch.isfinite(images).all() or images.min() < -1.001 or images.max() > 1.001:
         raise ValueError(f"images must lie in [-1, 1] (map [0, 1] images with x * 2 - 1), got values in "
                          f"[{images.min().item():.3g}, {images.max().item():.3g}]")
+    if images.min() >= 0 and images.max() > images.min():
+        warnings.warn(f"images lie in [{images.min().item():.3g}, {images.max().item():.3g}], no value below 0: "
+                      f"the models' images are in [-1, 1] (black = -1); if these are [0, 1] images, pass "
+                      f"images * 2 - 1 (a bright [-1, 1] image needs nothing)", stacklevel=4)
     return images
 
 
@@ -86,7 +96,7 @@ def image_to_image_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, *, st
 
     strength 0 returns z0; strength 1 is ``text_to_image_latents`` with the same generator (see
     ``inpainting.img2img_start_latents``)."""
-    _check_options(guidance, sampler, steps, spacing)
+    _check_options(guidance, sampler, steps, spacing, len(denoiser.alphas_cumprod))
     prompts, negative = _match_prompts(prompts, negative_prompt, len(z0))
     if strength != 0 and img2img_start(steps, strength) == steps:  # diffusers raises here too
         raise ValueError(f"strength {strength} with steps={steps} runs int({steps} * {strength}) = 0 sampling steps: "
@@ -111,8 +121,10 @@ def inpaint_latents(denoiser, tokenizer, prompts, z0: torch.Tensor, mask: torch.
     The method follows the model: an ``InpaintingNet`` gets (mask, masked latent) as input channels; any other
     text model is wrapped in ``InpaintDenoiser``. ``jumps`` > 1 samples with RePaint (``samplers.sample_repaint``,
     DDPM steps each taken ``jumps`` times) instead of ``sampler``, for either method."""
-    _check_options(guidance, sampler, steps, spacing)
+    _check_options(guidance, sampler, steps, spacing, len(denoiser.alphas_cumprod))
     check_generator(generator)
+    if not isinstance(keep_unmasked, bool):
+        raise ValueError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
     prompts, negative = _match_prompts(prompts, negative_prompt, len(z0))
     dedicated = isinstance(getattr(denoiser, "net", None), InpaintingNet)
     noise = randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)  # the prior draw
@@ -147,5 +159,9 @@ def outpaint_canvas(z0: torch.Tensor, *, left: int = 0, right: int = 0, top: int
 
 def pixel_to_latent_mask(mask, images: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """The checked pixel mask of ``images`` mapped to latent cells (``inpainting`` module's mask rule)."""
-    return latent_mask(check_mask(mask, len(images), tuple(images.shape[-2:])), latent_size)
+    m = latent_mask(check_mask(mask, len(images), tuple(images.shape[-2:])), latent_size)
+    if not m.flatten(1).any(dim=1).all():
+        warnings.warn("the mask selects no pixel for some images (values below 0.5 keep the input; 1 = repaint): "
+                      "their output is only the autoencoder's round trip of the input", stacklevel=4)
+    return m
 

@@ -11,6 +11,9 @@ One image given with several prompts is edited once per prompt. Each method is a
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import torch
 
 from minidiff.models.inpainting_net import InpaintingNet, everything_masked
@@ -19,6 +22,17 @@ from minidiff.pipelines.editing import (check_images, encode_images, image_to_im
 from minidiff.pipelines.text_to_image import check_prompts, text_to_image_latents
 
 __all__ = ["TextToImagePipeline"]
+
+
+def check_option_names(method: str, options: dict, fn, *, own: tuple = ()) -> None:
+    """Refuse an option ``fn`` does not take (a typo such as ``stength``), naming the closest allowed one."""
+    allowed = [*own, *(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+                      and p.name not in own)]
+    for name in options:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            raise ValueError(f"{method}() got an unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close
+                             else "") + f"; its options: {', '.join(allowed)}")
 
 
 class TextToImagePipeline:
@@ -96,6 +110,7 @@ class TextToImagePipeline:
         if self.is_inpainting_model:
             raise ValueError("image_to_image needs the text model (load_pipeline('shapes64-text')); an inpainting "
                              "model edits through inpaint() with a mask")
+        check_option_names("image_to_image", options, image_to_image_latents, own=("strength", "output"))
         z0 = encode_images(self.vae, match_batch(prompts, check_images(images, self.vae)))
         z = image_to_image_latents(self.denoiser, self.tokenizer, prompts, z0, strength=strength, **options)
         return self._output(z, output)
@@ -108,6 +123,7 @@ class TextToImagePipeline:
         The text model inpaints training-free (``InpaintDenoiser``); an inpainting model through its extra input
         channels. ``jumps`` > 1 adds RePaint resampling. The mask rule: ``minidiff.inpainting``."""
         self._check_output(output)
+        check_option_names("inpaint", options, inpaint_latents, own=("output",))
         images = match_batch(prompts, check_images(images, self.vae))
         z0 = encode_images(self.vae, images)
         m = pixel_to_latent_mask(mask, images, tuple(z0.shape[-2:]))
@@ -121,6 +137,8 @@ class TextToImagePipeline:
         """``images`` extended by the pixel margins (multiples of 4), the new part generated for ``prompts``
         (which describe the whole new canvas): inpainting on an enlarged latent canvas."""
         self._check_output(output)
+        check_option_names("outpaint", options, inpaint_latents,
+                           own=("left", "right", "top", "bottom", "jumps", "output"))
         z0 = encode_images(self.vae, match_batch(prompts, check_images(images, self.vae)))
         canvas, m = outpaint_canvas(z0, left=left, right=right, top=top, bottom=bottom, factor=self.vae.factor)
         z = inpaint_latents(self.denoiser, self.tokenizer, prompts, canvas, m, jumps=jumps, **options)

@@ -22,8 +22,6 @@ from minidiff.schedules import SAMPLING_SPACINGS, sampling_sigmas
 
 __all__ = ["check_prompts", "guided_text_denoiser", "text_to_image_latents"]
 
-MAX_STEPS = 1000  # the text models' T: more sampling levels than training levels is never what was meant
-
 
 def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] | None]:
     """(prompts, negative prompts) as lists of str; a str is one prompt, a single negative prompt is broadcast."""
@@ -50,14 +48,15 @@ def check_prompts(prompts, negative_prompt=None) -> tuple[list[str], list[str] |
     return prompts, negative
 
 
-def _check_options(guidance: float, sampler: str, steps: int, spacing: str) -> None:
+def _check_options(guidance: float, sampler: str, steps: int, spacing: str, T: int = 1000) -> None:
+    """Refuse a bad guidance, sampler, step count (1 to the denoiser's T levels) or spacing, naming it."""
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0 (1 = no guidance, 0 = the unconditional model), "
                          f"got {guidance!r}")
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an int from 1 to {MAX_STEPS} (the training table's T), got {steps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int from 1 to {T} (the denoiser's T noise levels), got {steps!r}")
     if not isinstance(spacing, str) or spacing not in SAMPLING_SPACINGS:
         raise ValueError(f"spacing must be one of {list(SAMPLING_SPACINGS)}, got {spacing!r}")
 
@@ -84,7 +83,7 @@ def text_to_image_latents(denoiser, tokenizer, prompts, *, negative_prompt=None,
                           latent_shape: tuple | None = None, progress: bool = True,
                           image_cond: dict | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) sampled for ``prompts`` with CFG; ``latent_shape`` defaults to the denoiser's."""
-    _check_options(guidance, sampler, steps, spacing)
+    _check_options(guidance, sampler, steps, spacing, len(denoiser.alphas_cumprod))
     device = next(denoiser.parameters()).device
     guided, cond = guided_text_denoiser(denoiser, tokenizer, prompts, negative_prompt=negative_prompt,
                                         guidance=guidance, guidance_rescale=guidance_rescale, device=device,

@@ -130,7 +130,8 @@ def call(fn, *args, hint: str = "", **kwargs):
     except NotImplementedError as e:
         if is_stub(e):
             raise NotAttempted() from e
-        raise StudentError(f"raised NotImplementedError: {str(e).splitlines()[0][:300]}{student_line(e)}.") from e
+        raise StudentError(f"raised NotImplementedError: {(str(e).splitlines() or [''])[0][:300]}"
+                           f"{student_line(e)}.") from e
     except Exception as e:  # noqa: BLE001 -- any student exception becomes a report, never a crash
         detail = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
         shape_hint = f" Hint: {hint}" if hint and "size of tensor" in str(e) else ""

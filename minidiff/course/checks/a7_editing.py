@@ -171,7 +171,7 @@ class _Mixing(torch.nn.Module):
     """A fixed denoiser whose x0_hat at a cell depends on its neighbours and on sigma (B,)."""
 
     def forward(self, x, sigma, **cond):
-        if sigma.shape != x.shape[:1]:
+        if sigma.ndim != 0 and sigma.shape != x.shape[:1]:  # a scalar is fine, as for the library's Denoiser
             raise ValueError(f"the denoiser takes sigma of shape (B,) = ({x.shape[0]},), one level per sample, got "
                              f"{tuple(sigma.shape)}: pass sigma itself, and reshape only the copy that multiplies "
                              f"the latents")

@@ -247,8 +247,10 @@ def _library_frame(frame: traceback.FrameSummary) -> bool:
 def is_stub(exc: NotImplementedError) -> bool:
     """True when the student's own code raised it (the stub's ``raise NotImplementedError()``), not torch: ``1 - mask``
     on a bool mask also raises NotImplementedError, and that is an attempt with a bug, not an untouched stub."""
-    last = (traceback.extract_tb(exc.__traceback__) or [None])[-1]  # line is "" where the source is not at hand
-    return last is not None and not _library_frame(last) and (not last.line or "NotImplementedError" in last.line)
+    last = (traceback.extract_tb(exc.__traceback__) or [None])[-1]
+    if last is None or _library_frame(last):
+        return False
+    return "NotImplementedError" in last.line if last.line else not exc.args  # no source at hand: the bare stub
 
 
 def student_line(exc: BaseException) -> str:
