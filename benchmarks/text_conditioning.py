@@ -12,6 +12,8 @@ and data order, changing only what the U-Net cross-attends to:
 
 - ``joint``: the small transformer trained jointly with the U-Net (per-token context, the shipped default);
 - ``clip``: the frozen text tower of the shipped tiny CLIP (per-token context, as Stable Diffusion uses CLIP);
+- ``clip-init`` (not in the default ``--arms``): the joint encoder started from that tower and trained on with the
+  U-Net, so it arrives knowing the words and may still adapt them;
 - ``pooled``: the joint transformer's tokens averaged into one vector (a single key: every pixel gets the same
   conditioning, like a class embedding).
 
@@ -46,11 +48,12 @@ RECIPE = {"steps": None, "n_eval": None, "attn_pos": False, "lr_schedule": TextT
 def run_arm(encoder: str, steps: int, latents, captions, vae, clip, sets, attn_pos: bool = False, **train) -> dict:
     """Train one arm (``train``: further TextTrainConfig fields, the same for every arm) and judge it on ``sets``."""
     unet = {"attn_levels": [1, 2], **({"attn_pos": True} if attn_pos else {})}
+    if encoder == "clip-init":  # the joint encoder, warm-started from the tiny CLIP's text tower
+        encoder, train = "joint", {**train, "encoder_init": "clip"}
     config = TextTrainConfig(encoder=encoder, steps=steps, ckpt_every=steps, sample_every=10 ** 9, unet=unet, **train)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        result = train_text(config, out, latents=latents, captions=captions, clip=clip if encoder == "clip" else None,
-                            progress=True)
+        result = train_text(config, out, latents=latents, captions=captions, clip=clip, progress=True)
         wall = time.perf_counter() - t0
     denoiser = Denoiser(result["ema_net"], result["alphas_cumprod"], config.prediction, image_shape=(4, 16, 16))
     pipe = TextToImagePipeline(denoiser, vae)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import alphas_cumprod_from_betas, make_betas, sampling_sigmas
 from minidiff.training import text as text_module
 from minidiff.training.checkpoint import checkpoint_config, load_text_model, save_model, save_text_model
-from minidiff.training.text import HELD_OUT, TextTrainConfig, build_text_net, held_out_mask, train_text
+from minidiff.training.text import HELD_OUT, TextTrainConfig, _setup, build_text_net, held_out_mask, train_text
 from minidiff.training.text_export import ema_denoiser
 
 PROMPTS = ["a small red circle", "a large blue square above a small green cross"]
@@ -540,6 +541,43 @@ def test_clip_save_load_score_and_text_tower(tmp_path):
         assert torch.equal(tower(ids, mask)[0], model.text(ids, mask)[0])
     tower.token_emb.weight.data.zero_()
     assert model.text.token_emb.weight.abs().sum() > 0  # a copy, not the CLIP's own tower
+
+
+
+def test_encoder_init_clip_starts_the_joint_encoder_from_the_clip_tower_and_trains_it(tmp_path, train_data,
+                                                                                       monkeypatch):
+    """encoder_init='clip': the joint encoder's first weights are the tiny CLIP's text tower (a copy), and
+    training moves them, unlike encoder='clip' (frozen); the CLIP itself is untouched. encoder_lr_scale gives the
+    encoder its own AdamW group at lr * scale."""
+    torch.manual_seed(0)
+    clip = TinyCLIP(SMALL_CLIP).eval()
+    before = {k: v.clone() for k, v in clip.text.state_dict().items()}
+    config = _config(encoder_init="clip", steps=3, ckpt_every=3)
+    net = build_text_net(config, clip=clip)
+    assert all(p.requires_grad for p in net.text_encoder.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.text_encoder.state_dict().items())
+    monkeypatch.setattr(text_module, "sample_prompts_grid", _small_grid)
+    latents, captions = train_data
+    run = train_text(config, tmp_path / "run", latents=latents, captions=captions, clip=clip, device="cpu",
+                     progress=False)
+    trained = run["net"].text_encoder.state_dict()
+    assert not torch.equal(trained["token_emb.weight"], before["token_emb.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in clip.text.state_dict().items())
+    assert run["net"].text_encoder.spec()["causal"]  # saved (and reloaded) as the CLIP tower's causal shape
+    scaled = _setup(replace(config, encoder_lr_scale=0.1), "cpu", clip)
+    lrs = {id(p): g["initial_lr"] for g in scaled["optimizer"].param_groups for p in g["params"]}
+    encoder = {id(p) for p in scaled["net"].text_encoder.parameters()}
+    assert len(lrs) == sum(1 for p in scaled["net"].parameters() if p.requires_grad)
+    assert {lr for i, lr in lrs.items() if i in encoder} == {0.1 * config.lr}
+    assert {lr for i, lr in lrs.items() if i not in encoder} == {config.lr}
+    with pytest.raises(ValueError, match="encoder_lr_scale must be > 0, got 0"):
+        TextTrainConfig(encoder_lr_scale=0)
+    with pytest.raises(ValueError, match="encoder_init must be one of \\[None, 'clip'\\].*got encoder_init='bert'"):
+        TextTrainConfig(encoder_init="bert")
+    with pytest.raises(ValueError, match="needs encoder='joint' and init=None; got encoder_init='clip' with enc"):
+        TextTrainConfig(encoder="pooled", encoder_init="clip")
+    with pytest.raises(ValueError, match="encoder_init='clip' needs a trained tiny CLIP"):
+        build_text_net(config)
 
 
 # ================================================================ the judge

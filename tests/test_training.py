@@ -90,6 +90,23 @@ def test_make_optimizer_cosine_decays_to_zero_after_warmup():
         TrainConfig(lr_schedule="step")
 
 
+def test_make_optimizer_lr_scale_gives_a_submodule_its_own_rate_on_the_same_schedule():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt, sched = make_optimizer(model, lr=1e-2, warmup_steps=2, lr_scale={"1": 0.1})
+    rate = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(rate) == 4
+    for step in range(3):
+        assert [rate[id(p)]["lr"] for p in model[0].parameters()] == pytest.approx([1e-2 * min(1, (step + 1) / 2)] * 2)
+        assert [rate[id(p)]["lr"] for p in model[1].parameters()] == pytest.approx([1e-3 * min(1, (step + 1) / 2)] * 2)
+        opt.step()
+        sched.step()
+    assert rate[id(model[0].weight)]["weight_decay"] == rate[id(model[1].weight)]["weight_decay"]
+    with pytest.raises(ValueError, match="lr_scale names 'text_encoder', which is not a submodule of the model"):
+        make_optimizer(model, lr=1e-2, lr_scale={"text_encoder": 0.1})
+    with pytest.raises(ValueError, match="lr_scale\\['1'\\] must be > 0, got 0"):
+        make_optimizer(model, lr=1e-2, lr_scale={"1": 0})
+
+
 class Recorder(nn.Module):
     """A dummy net with the UNet signature that records the labels it was given."""
 

@@ -113,9 +113,12 @@ def lr_factor(warmup_steps: int, lr_schedule: str = "constant", total_steps: int
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                   betas=(0.9, 0.999), lr_schedule: str = "constant", total_steps: int | None = None):
+                   betas=(0.9, 0.999), lr_schedule: str = "constant", total_steps: int | None = None,
+                   lr_scale: dict[str, float] | None = None):
     """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` and a LambdaLR of ``lr_factor``: linear
-    warmup, then the rate held (``lr_schedule="constant"``) or decayed to 0 at ``total_steps`` (``"cosine"``)."""
+    warmup, then the rate held (``lr_schedule="constant"``) or decayed to 0 at ``total_steps`` (``"cosine"``).
+    ``lr_scale`` {submodule name: multiplier} gives a part of the model its own rate, lr * multiplier, on the
+    same schedule (e.g. {"text_encoder": 0.1}: a pretrained encoder fine-tuned gently beside a new U-Net)."""
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if warmup_steps < 0:
@@ -123,7 +126,18 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0, wa
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     factor = lr_factor(warmup_steps, lr_schedule, total_steps)
-    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas))
+    groups = parameter_groups(model, weight_decay)
+    for name, scale in (lr_scale or {}).items():
+        if not scale > 0:
+            raise ValueError(f"lr_scale[{name!r}] must be > 0, got {scale}")
+        try:
+            inside = {id(p) for p in model.get_submodule(name).parameters()}
+        except AttributeError:
+            raise ValueError(f"lr_scale names {name!r}, which is not a submodule of the model") from None
+        groups = [part for g in groups for part in (
+            {**g, "params": [p for p in g["params"] if id(p) not in inside]},
+            {**g, "params": [p for p in g["params"] if id(p) in inside], "lr": lr * scale})]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -44,10 +44,11 @@ from minidiff.training.rundir import acquire_lock, check_out_dir, config_changes
 from minidiff.training.steps import EMA, LR_SCHEDULES, _check_finite_step, make_optimizer
 from minidiff.utils import command_line, get_device
 
-__all__ = ["HELD_OUT", "ENCODERS", "TextTrainConfig", "held_out_mask", "shapes64_text_latents", "build_text_net",
-           "train_text", "train_shapes_clip", "SAMPLE_PROMPTS", "main"]
+__all__ = ["HELD_OUT", "ENCODERS", "ENCODER_INITS", "TextTrainConfig", "held_out_mask", "shapes64_text_latents",
+           "build_text_net", "train_text", "train_shapes_clip", "SAMPLE_PROMPTS", "main"]
 
 ENCODERS = ("joint", "pooled", "clip")
+ENCODER_INITS = (None, "clip")  # random weights, or the tiny CLIP's text tower (contrastive pre-training)
 SAMPLE_PROMPTS = ("a large red circle", "a small blue square", "a large yellow triangle", "a small white cross",
                   "a large green diamond", "a small purple circle", "a large red square", "a large blue circle",
                   "a small red circle above a large blue square", "a large yellow cross left of a small green circle",
@@ -59,6 +60,8 @@ class TextTrainConfig:
     """Everything that defines a text-model run; saved as JSON in every checkpoint."""
 
     encoder: str = "joint"  # "joint" transformer, its "pooled" ablation, or a frozen tiny "clip"
+    encoder_init: str | None = None  # "clip": the joint encoder starts as the tiny CLIP's text tower (then trained)
+    encoder_lr_scale: float = 1.0  # the text encoder's lr as a multiple of lr (below 1: a pretrained tower kept close)
     encoder_layers: int = 2
     encoder_dim: int = 128
     prediction: str = "v"
@@ -90,12 +93,18 @@ class TextTrainConfig:
         for name in ("steps", "batch_size", "ckpt_every", "sample_every", "encoder_layers", "encoder_dim", "T"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'steps' else 1}, got {getattr(self, name)}")
+        if not self.encoder_lr_scale > 0:
+            raise ValueError(f"encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
         if self.two_object_share is not None and not 0.0 < self.two_object_share < 1.0:
             raise ValueError(f"two_object_share must be None or in (0, 1), got {self.two_object_share}")
+        if self.encoder_init not in ENCODER_INITS or self.encoder_init and (self.encoder, self.init) != ("joint", None):
+            raise ValueError(f"encoder_init must be one of {list(ENCODER_INITS)}, and 'clip' (the joint encoder of a new "
+                             f"model started from the tiny CLIP) needs encoder='joint' and init=None; got encoder_init="
+                             f"{self.encoder_init!r} with encoder={self.encoder!r}, init={self.init!r}")
         replace(PRESETS["tiny"], **self.unet)  # a bad override fails here, before any data is loaded
         if self.init is not None:  # the same: a wrong init file fails before the latents are made
             if not Path(self.init).is_file():
@@ -127,10 +136,11 @@ def build_text_net(config: TextTrainConfig, *, clip=None) -> TextConditionedNet:
         net = load_text_model(config.init).net
         net = type(net)(grow_unet(net.unet, **config.unet), net.text_encoder)
         return widen_for_inpainting(net) if config.inpainting else net
-    if config.encoder == "clip":
+    if "clip" in (config.encoder, config.encoder_init):  # the tiny CLIP's text tower: frozen, or trained on
         if clip is None:
-            raise ValueError("encoder='clip' needs a trained tiny CLIP: build_text_net(config, clip=load_clip(...))")
-        encoder = clip.text_encoder(frozen=True)
+            raise ValueError(f"{'encoder' if config.encoder == 'clip' else 'encoder_init'}='clip' needs a trained "
+                             "tiny CLIP: build_text_net(config, clip=load_clip(...))")
+        encoder = clip.text_encoder(frozen=config.encoder == "clip")
     else:
         encoder = TransformerTextEncoder(dim=config.encoder_dim, layers=config.encoder_layers)
         if config.encoder == "pooled":
@@ -161,7 +171,8 @@ def _setup(config: TextTrainConfig, device, clip, resume_from: Path | None = Non
     resumed_fine_tune = resume_from is not None and config.init is not None  # its own net, not the init file's
     net = (text_net_from_spec({**checkpoint_config(resume_from), "inpainting": config.inpainting})
            if resumed_fine_tune else build_text_net(config, clip=clip)).to(device)
-    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup,
+    scale = None if config.encoder_lr_scale == 1.0 else {"text_encoder": config.encoder_lr_scale}
+    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup, lr_scale=scale,
                                           lr_schedule=config.lr_schedule, total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
@@ -270,6 +281,8 @@ def main(argv=None) -> None:
     tr.add_argument("--out", required=True)
     tr.add_argument("--vae", default="shapes64-vae", help="a shipped autoencoder (minidiff.pretrained.available())")
     tr.add_argument("--encoder", default="joint", choices=ENCODERS)
+    tr.add_argument("--encoder-init", choices=["clip"], help="start the joint encoder as the tiny CLIP's text tower")
+    tr.add_argument("--encoder-lr-scale", type=float, default=1.0, help="the text encoder's lr as a multiple of --lr")
     tr.add_argument("--steps", type=int, default=8000)
     tr.add_argument("--n", type=int, default=40_000, help="scenes generated before the held-out ones are removed")
     tr.add_argument("--resume", action="store_true")
@@ -318,13 +331,14 @@ def main(argv=None) -> None:
         return
     from minidiff.pretrained import load
     vae = load(args.vae)
-    clip = load_clip("shapes-clip") if args.encoder == "clip" else None
+    clip = load_clip("shapes-clip") if "clip" in (args.encoder, args.encoder_init) else None
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     unet = {"attn_pos": True} if args.attn_pos else {}
     if args.attn_levels or not args.init:  # with --init and no --attn-levels, the init model's levels stay
         unet["attn_levels"] = args.attn_levels or [1, 2]
-    config = TextTrainConfig(encoder=args.encoder, steps=args.steps, inpainting=args.inpainting, init=args.init,
+    config = TextTrainConfig(encoder=args.encoder, encoder_init=args.encoder_init, steps=args.steps,
+                             encoder_lr_scale=args.encoder_lr_scale, inpainting=args.inpainting, init=args.init,
                              lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
                              two_object_share=args.two_object_share, unet=unet)
     train_text(config, args.out, latents=latents, captions=captions,
