@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from minidiff import pretrained
-from minidiff.data.shapes import COLORS, caption, parse_caption, render, sample_attrs
+from minidiff.data.shapes import COLORS, SHAPES, caption, parse_caption, render, sample_attrs
 from minidiff.denoiser import Denoiser
 from minidiff.files import WEIGHTS_DIR, CheckpointError, file_sha256, read_safetensors, write_safetensors
+from minidiff.models import clip as clip_module
 from minidiff.models.clip import CLIPConfig, TinyCLIP, clip_loss, clip_score, hard_negative, load_clip, save_clip
 from minidiff.models.text_encoder import PooledTextEncoder, TextConditionedNet, TransformerTextEncoder
 from minidiff.models.unet import unet_from_preset
@@ -473,6 +474,31 @@ def test_hard_negative_changes_exactly_one_thing():
         if a[3] < 0:
             assert (b[3:] == -1).all()
     assert kinds == {"shape", "color", "size", "relation", "swap_shape", "swap_color"}
+
+
+def test_hard_negatives_of_the_shipped_clip_recipe_hold_no_held_out_pair(monkeypatch, tmp_path):
+    """Without ``exclude`` about 8% of the negatives of held-out-free scenes hold a held-out pair ("a large red
+    square" as the wrong caption of a blue square); with it, none does, and the negative is still one change away."""
+    def held(b):
+        return bool(held_out_mask(torch.as_tensor(b)[None]))
+    g = torch.Generator().manual_seed(0)
+    scenes = [a for a in (sample_attrs(generator=g) for _ in range(1500)) if not held(a)]
+    plain = [held(parse_caption(hard_negative(a, generator=g))) for a in scenes]
+    kept = [parse_caption(hard_negative(a, generator=g, exclude=held)) for a in scenes]
+    assert sum(plain) > 0.03 * len(scenes) and not any(held(b) for b in kept)
+    assert all((a != b).sum() in (1, 2) for a, b in zip(scenes, kept))
+    seen = {}
+    monkeypatch.setattr(clip_module, "train_clip", lambda images, attrs, **kw: seen.update(kw) or TinyCLIP(SMALL_CLIP))
+    monkeypatch.setattr(clip_module, "save_clip", lambda out, model: out)
+    monkeypatch.setattr(clip_module, "evaluate_clip", lambda model: {})
+    monkeypatch.setattr(clip_module, "file_sha256", lambda out: "")
+    two_scenes = (torch.zeros(2, 3, 64, 64), None, torch.tensor([[1, 2, 0, -1, -1, -1, -1], [0, 1, 0, -1, -1, -1, -1]]))
+    dataset = type("Scenes", (), {"tensors": lambda self: two_scenes})
+    monkeypatch.setattr(clip_module, "ShapesDataset", lambda n, **kw: dataset())
+    clip_module.train_shapes_clip(tmp_path / "clip.safetensors", steps=1, n=2)
+    red_square = torch.tensor([SHAPES.index("square"), COLORS.index("red"), 0, -1, -1, -1, -1])
+    assert HELD_OUT[0] == ("red", "square") and seen["exclude_negative"](red_square)
+    assert not seen["exclude_negative"](torch.tensor([SHAPES.index("square"), COLORS.index("blue"), 0, -1, -1, -1, -1]))
 
 
 def test_hard_negative_is_false_of_the_image():
