@@ -219,7 +219,8 @@ def train_shapes_clip(out=None, *, steps: int = 3000, n: int = 20_000, seed: int
     out = Path(out) if out else WEIGHTS_DIR / "shapes-clip.safetensors"
     card = {"name": out.stem, "kind": "tiny CLIP (Radford et al. 2021) with NegCLIP hard negatives",
             "data": f"ShapesDataset({n}, size=64, seed={seed}, max_objects=2) minus held-out pairs {HELD_OUT}, "
-                    "average-pooled to 32x32; no hard negative holds a held-out pair", "n_train": int(keep.sum()), "steps": steps, "batch_size": 128,
+                    "average-pooled to 32x32; no hard negative holds a held-out pair",
+            "n_train": int(keep.sum()), "steps": steps, "batch_size": 128,
             "params": sum(p.numel() for p in model.parameters()), "train_wall_time_s": round(time.perf_counter() - t0, 1),
             "hardware": hardware_info(torch.device("cpu")),
             "command": "python -m minidiff.training.text " + shlex.join(["train-clip", *argv[1:]])}
