@@ -569,7 +569,6 @@ def test_clip_save_load_score_and_text_tower(tmp_path):
     assert model.text.token_emb.weight.abs().sum() > 0  # a copy, not the CLIP's own tower
 
 
-
 def test_encoder_init_clip_starts_the_joint_encoder_from_the_clip_tower_and_trains_it(tmp_path, train_data,
                                                                                        monkeypatch):
     """encoder_init='clip': the joint encoder's first weights are the tiny CLIP's text tower (a copy), and
@@ -604,6 +603,16 @@ def test_encoder_init_clip_starts_the_joint_encoder_from_the_clip_tower_and_trai
         TextTrainConfig(encoder="pooled", encoder_init="clip")
     with pytest.raises(ValueError, match="encoder_init='clip' needs a trained tiny CLIP"):
         build_text_net(config)
+
+
+
+def test_cli_loads_the_clip_it_is_given_for_encoder_init(tmp_path, capsys):
+    """--clip names the tiny CLIP that --encoder-init clip starts from (the shipped budget model's is not the
+    shipped shapes-clip); a missing one is a one-line error before any latents are made."""
+    missing = tmp_path / "fixed.safetensors"
+    with pytest.raises(SystemExit) as e:
+        text_module.main(["train", "--out", str(tmp_path / "run"), "--encoder-init", "clip", "--clip", str(missing)])
+    assert e.value.code == 2 and f"no tiny CLIP at {missing}" in capsys.readouterr().err
 
 
 # ================================================================ the judge

@@ -171,8 +171,8 @@ def _setup(config: TextTrainConfig, device, clip, resume_from: Path | None = Non
     resumed_fine_tune = resume_from is not None and config.init is not None  # its own net, not the init file's
     net = (text_net_from_spec({**checkpoint_config(resume_from), "inpainting": config.inpainting})
            if resumed_fine_tune else build_text_net(config, clip=clip)).to(device)
-    scale = None if config.encoder_lr_scale == 1.0 else {"text_encoder": config.encoder_lr_scale}
-    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup, lr_scale=scale,
+    scale = None if config.encoder_lr_scale == 1.0 else {"text_encoder": config.encoder_lr_scale}  # None: 2 groups,
+    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup, lr_scale=scale,  # as before
                                           lr_schedule=config.lr_schedule, total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
@@ -282,6 +282,7 @@ def main(argv=None) -> None:
     tr.add_argument("--vae", default="shapes64-vae", help="a shipped autoencoder (minidiff.pretrained.available())")
     tr.add_argument("--encoder", default="joint", choices=ENCODERS)
     tr.add_argument("--encoder-init", choices=["clip"], help="start the joint encoder as the tiny CLIP's text tower")
+    tr.add_argument("--clip", default="shapes-clip", help="the tiny CLIP of --encoder clip / --encoder-init clip")
     tr.add_argument("--encoder-lr-scale", type=float, default=1.0, help="the text encoder's lr as a multiple of --lr")
     tr.add_argument("--steps", type=int, default=8000)
     tr.add_argument("--n", type=int, default=40_000, help="scenes generated before the held-out ones are removed")
@@ -317,21 +318,19 @@ def main(argv=None) -> None:
     ei.add_argument("--n-eval", type=int, default=300, help="scenes in the replace problem")
     ei.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.command in ("export", "export-inpaint"):
         from minidiff.training import text_export  # imports this module: load it only when exporting
         export = text_export.export_text_model if args.command == "export" else text_export.export_inpainting_model
-        if args.threads:
-            torch.set_num_threads(args.threads)
         print(f"exported {export(args.run_dir, args.path, n_eval=args.n_eval)}")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.command == "train-clip":
         print(f"wrote {train_shapes_clip(args.out, steps=args.steps, n=args.n, argv=argv)}")
         return
     from minidiff.pretrained import load
     vae = load(args.vae)
-    clip = load_clip("shapes-clip") if "clip" in (args.encoder, args.encoder_init) else None
+    clip = load_clip(args.clip) if "clip" in (args.encoder, args.encoder_init) else None
     latents, _, captions = shapes64_text_latents(vae, n=args.n)
     print(f"training on {len(latents)} captioned latents (held out: {HELD_OUT}) -> {args.out}/")
     unet = {"attn_pos": True} if args.attn_pos else {}
