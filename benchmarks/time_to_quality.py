@@ -43,7 +43,7 @@ import importlib.util
 import json
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,20 +73,44 @@ def probe_steps() -> int:
 
 
 # ----------------------------------------------------------------------------- minidiff's recipes
-def recipe_config(recipe: str) -> TrainConfig:
-    """The TrainConfig of a shipped model's card, with side tasks (grids, validation) off: all RESUMABLE fields
-    of TrainConfig, which do not change the trained model; the sample grid train() saves at each chunk's end is
-    made with one sampler step so that it costs little (it is off the clock anyway)."""
-    saved = model_card(CARDS[recipe])["config"]
+def recipe_config(recipe: str, overrides: dict | None = None) -> TrainConfig:
+    """The TrainConfig of a shipped model's card, changed by ``overrides`` (``--set``), with side tasks (grids,
+    validation) off: all RESUMABLE fields of TrainConfig, which do not change the trained model; the sample grid
+    train() saves at each chunk's end is made with one sampler step so that it costs little (it is off the clock)."""
+    unknown = sorted(set(overrides or {}) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}=...: not a TrainConfig field; the fields are "
+                         f"{[f.name for f in fields(TrainConfig)]}")
+    saved = {**model_card(CARDS[recipe])["config"], **(overrides or {})}
     return replace(TrainConfig(**saved), sample_every=NEVER, ckpt_every=NEVER, val_every=NEVER, sample_steps=1)
+
+
+def parse_set(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs -> {KEY: VALUE}, VALUE read as JSON when it parses (1e-3, true, {...}), else text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE (a TrainConfig field), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def recipe_label(recipe: str, overrides: dict) -> str:
+    """A recipe's name in the table: ``flow``, or ``flow[t_sampling=logit_normal]`` when ``--set`` changed it."""
+    return recipe + ("[" + ",".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                    for k, v in overrides.items()) + "]" if overrides else "")
 
 
 class MinidiffRun:
     """A recipe trained by ``minidiff.training.loop.train`` in chunks: ``train(config, out, resume=True)`` with a
     growing ``config.steps`` continues from the checkpoint bit for bit (TrainConfig.RESUMABLE lists ``steps``)."""
 
-    def __init__(self, recipe: str, run_dir: Path, data, device: torch.device):
-        self.config, self.run_dir, self.data, self.device = recipe_config(recipe), run_dir, data, device
+    def __init__(self, config: TrainConfig, run_dir: Path, data, device: torch.device):
+        self.config, self.run_dir, self.data, self.device = config, run_dir, data, device
         self.step, self.seconds, self.ema_net = 0, 0.0, None
 
     def _chunk(self, steps: int) -> None:
@@ -281,14 +305,15 @@ def table(summaries: list[dict], threshold: float, real_accuracy: float | None =
 
 
 def run_recipe(recipe: str, work_dir: Path, data, device: torch.device, args) -> list[dict]:
-    """Build a recipe's run (a fresh run folder for minidiff's) and race it."""
+    """Build a recipe's run (a fresh run folder for minidiff's, its config changed by ``--set``) and race it."""
     if recipe == "diffusers":
         return race(recipe, DiffusersRun(data, device, args.minutes * 60), args)
+    config = recipe_config(recipe, args.overrides)
     run_dir = work_dir / recipe
     if (run_dir / "checkpoint.safetensors").exists():
         raise ValueError(f"--work-dir {work_dir} already holds a checkpoint in {run_dir}; resuming it would start "
                          "the clock late. Give an empty --work-dir (or none: a temporary folder)")
-    return race(recipe, MinidiffRun(recipe, run_dir, data, device), args)
+    return race(recipe_label(recipe, args.overrides), MinidiffRun(config, run_dir, data, device), args)
 
 
 def main(argv=None) -> dict:
@@ -305,7 +330,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: minidiff.utils.get_device())")
     p.add_argument("--work-dir", default=None, help="run folders of the minidiff recipes (default: a temporary one)")
     p.add_argument("--out", default=None, help="write settings, evaluations and summaries as JSON here")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="change TrainConfig fields of the "
+                   "minidiff recipes (an ablation; the row is named after them), e.g. t_sampling=logit_normal")
     args = p.parse_args(argv)
+    args.overrides = parse_set(args.set)
+    if args.overrides and "diffusers" in args.recipes:
+        raise ValueError("--set changes minidiff's recipes only; run diffusers without it")
+    for recipe in (r for r in args.recipes if r in CARDS):
+        recipe_config(recipe, args.overrides)  # a bad field or value fails now, not after an hour of training
     if args.minutes <= 0 or args.eval_every_min <= 0:
         raise ValueError(f"--minutes and --eval-every-min must be > 0, got {args.minutes} and {args.eval_every_min}")
     if args.from_json:
@@ -330,9 +362,9 @@ def main(argv=None) -> dict:
     summaries = [summarize(r, args.threshold, args.minutes, tuple(args.also)) for r in rows]
     real = real_class_accuracy("fashion-mnist", args.n)
     print(table(summaries, args.threshold, real))
+    configs = {k: asdict(recipe_config(k, args.overrides)) for k in args.recipes if k in CARDS}
     result = {"settings": {**vars(args), "sampler": "dpmpp_2m", "steps": 20, "spacing": "trailing", "guidance": 1.0,
-                           "seed": 0, "batch_size": BATCH_SIZE,
-                           "configs": {k: asdict(recipe_config(k)) for k in args.recipes if k in CARDS}},
+                           "seed": 0, "batch_size": BATCH_SIZE, "configs": configs},
               "hardware": hardware_info(device), "data_stand_in": data.stand_in,
               "evaluations": [row for r in rows for row in r], "summaries": summaries,
               "real_accuracy": real}

@@ -2,7 +2,8 @@
 
 | symbol             | code name          | meaning                                                        |
 |--------------------|--------------------|----------------------------------------------------------------|
-| t                  | ``t``              | training timestep, uniform in 0..T-1 (DDPM Alg. 1)             |
+| t                  | ``t``              | training timestep in 0..T-1: uniform (DDPM Alg. 1) or logit-normal |
+| m, s               | ``m, s``           | location and scale of the logit-normal (Esser et al. 2024, Eq. 19) |
 | eps                | ``noise``          | the Gaussian noise of x_t = a x0 + b eps                       |
 | F, F_target        | ``out, target``    | network output and its target (``PARAMETERIZATIONS``)          |
 | w(t)               | ``weights``        | per-sample weight; min-SNR-gamma (Hang et al. 2023)            |
@@ -17,7 +18,28 @@ from minidiff.forward import q_sample
 from minidiff.schedules import sigmas_from_alphas_cumprod, snr, vp_coefficients
 from minidiff.utils import append_dims, randn
 
-__all__ = ["training_target", "min_snr_weights", "diffusion_loss"]
+__all__ = ["T_SAMPLINGS", "sample_t", "training_target", "min_snr_weights", "diffusion_loss"]
+
+T_SAMPLINGS = ("uniform", "logit_normal")  # densities of the training timestep t
+
+
+def sample_t(B: int, T: int, *, generator: torch.Generator | None = None, device=None, t_sampling: str = "uniform",
+             m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """B training timesteps in 0..T-1 (int64), drawn from ``generator`` on its device (or ``device``).
+
+    ``"uniform"``: t ~ U{0..T-1} (Ho et al. 2020, Alg. 1). ``"logit_normal"``: the fraction t/T is logit-normal,
+    u ~ N(m, s^2), t = floor(T sigmoid(u)) (Esser et al. 2024, "Scaling Rectified Flow Transformers", Eq. 19), which
+    spends more of training on the middle of the path, where the target is hardest to predict, and less at its ends.
+    """
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"t_sampling must be one of {list(T_SAMPLINGS)}, got {t_sampling!r}")
+    if not s > 0:
+        raise ValueError(f"the logit-normal scale s must be > 0 (Esser et al. use 1), got {s}")
+    device = generator.device if generator is not None else device
+    if t_sampling == "uniform":
+        return torch.randint(0, T, (B,), generator=generator, device=device)
+    u = m + s * torch.randn((B,), generator=generator, device=device, dtype=torch.float64)
+    return (torch.sigmoid(u) * T).floor().clamp(0, T - 1).to(torch.int64)
 
 
 def training_target(x0: torch.Tensor, eps: torch.Tensor, sigma, prediction: str) -> torch.Tensor:
@@ -47,11 +69,11 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction: str) -> torch
 def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps", *,
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                   **cond) -> torch.Tensor:
+                   t_sampling: str = "uniform", **cond) -> torch.Tensor:
     """Scalar MSE between net(x_t, t, **cond) and the target of ``prediction`` (DDPM L_simple, Ho et al. 2020, Eq. 14).
 
-    t ~ U{0..T-1} and eps ~ N(0, I) are drawn from ``generator`` unless given; ``min_snr_gamma`` adds per-sample
-    weights (see ``min_snr_weights``). The net receives t as a float (B,) tensor.
+    t (``sample_t`` with ``t_sampling``, m = 0, s = 1) and eps ~ N(0, I) are drawn from ``generator`` unless given;
+    ``min_snr_gamma`` adds per-sample weights (see ``min_snr_weights``). The net receives t as a float (B,) tensor.
     """
     row = get_parameterization(prediction)
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
@@ -59,8 +81,7 @@ def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tenso
         raise ValueError(f"prediction={prediction!r} with a zero-terminal-SNR schedule: {_EPS_AT_ZERO_SNR}")
     B, T = x0.shape[0], len(ab)
     if t is None:
-        device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, T, (B,), generator=generator, device=device).to(x0.device)
+        t = sample_t(B, T, generator=generator, device=x0.device, t_sampling=t_sampling).to(x0.device)
     if noise is None:
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(x0, t, noise, ab)

@@ -255,3 +255,27 @@ def test_text_conditioning_merges_runs_of_one_recipe_and_refuses_others(tmp_path
     main(["--merge", str(files["clip"]), str(files["old"])])  # "constant" written out == the default left out
     with pytest.raises(SystemExit, match="lr_schedule"):
         main(["--merge", str(files["joint"]), str(files["clip"])])
+
+
+def test_time_to_quality_set_changes_the_recipe_and_names_the_row():
+    """``--set`` reads JSON values (else text), changes the card's config, and names the row after the change, so an
+    ablation is never mistaken for the course's recipe; a field TrainConfig lacks, or --set with diffusers, is refused
+    before any training."""
+    ttq = _load("time_to_quality")
+    overrides = ttq.parse_set(["t_sampling=logit_normal", "lr=2e-3", 'unet={"scale_shift": true}'])
+    assert overrides == {"t_sampling": "logit_normal", "lr": 0.002, "unet": {"scale_shift": True}}
+    config = ttq.recipe_config("flow", overrides)
+    base = ttq.recipe_config("flow")
+    assert (config.t_sampling, config.lr, config.unet) == ("logit_normal", 0.002, {"scale_shift": True})
+    assert (base.t_sampling, base.prediction) == ("uniform", "flow") and base.lr != 0.002
+    assert ttq.recipe_label("flow", {}) == "flow"
+    label = ttq.recipe_label("flow", {"t_sampling": "logit_normal", "lr": 0.002})
+    assert label == "flow[t_sampling=logit_normal,lr=0.002]"
+    with pytest.raises(ValueError, match="--set takes KEY=VALUE"):
+        ttq.parse_set(["t_sampling"])
+    with pytest.raises(ValueError, match="not a TrainConfig field"):
+        ttq.recipe_config("flow", {"t_sampler": "uniform"})
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        ttq.recipe_config("flow", {"t_sampling": "beta"})
+    with pytest.raises(ValueError, match="diffusers"):
+        ttq.main(["--recipes", "diffusers", "--set", "lr=1e-3"])

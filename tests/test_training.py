@@ -1,6 +1,7 @@
 """Training engine: EMA math, warmup, one step (clipping, condition dropout, NaN guard), loss goes down on
 real Fashion-MNIST, kill-and-resume is bit-for-bit, and the command line runs end to end."""
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -277,3 +278,47 @@ def test_weight_decay_only_on_weight_matrices_and_kernels():
     assert len(decay["params"]) + len(rest["params"]) == len(list(net.parameters()))
     optimizer, _ = make_optimizer(net, lr=1e-3, weight_decay=0.1)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+def test_sample_t_uniform_is_the_old_draw_and_logit_normal_has_its_density():
+    """``uniform`` is torch.randint on the same generator (old runs resume bit for bit); ``logit_normal`` puts
+    P(t < k) = Phi((logit(k / T) - m) / s) (Esser et al. 2024, Eq. 19), checked at several k and two (m, s)."""
+    from minidiff.losses import sample_t
+
+    T = 1000
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_t(64, T, generator=a), torch.randint(0, T, (64,), generator=b))
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for m, s in ((0.0, 1.0), (0.5, 0.6)):
+        t = sample_t(200_000, T, generator=torch.Generator().manual_seed(0), t_sampling="logit_normal", m=m, s=s)
+        assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= T - 1
+        for k in (100, 300, 500, 700, 900):
+            frac = k / T
+            expected = normal.cdf(torch.tensor((math.log(frac / (1 - frac)) - m) / s)).item()
+            assert abs((t < k).double().mean().item() - expected) < 0.005, (m, s, k)
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        sample_t(4, T, t_sampling="lognormal")
+    with pytest.raises(ValueError, match="scale s must be > 0"):
+        sample_t(4, T, t_sampling="logit_normal", s=0.0)
+
+
+def test_train_draws_t_from_the_configs_density(tmp_path, monkeypatch):
+    """train() passes t_sampling, m and s to every step's draw, and a run resumed with another density is refused."""
+    from minidiff.training import distributed
+
+    seen, real = [], distributed.sample_t
+    monkeypatch.setattr(distributed, "sample_t", lambda *a, **k: seen.append(k) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    data = Data(torch.rand(16, 1, 12, 12, generator=g) * 2 - 1, torch.randint(3, (16,), generator=g), ("a", "b", "c"))
+    config = _small_config(3, t_sampling="logit_normal", logit_normal_m=0.3, logit_normal_s=0.8)
+    train(config, tmp_path / "ln", data=data, device="cpu", progress=False)
+    assert len(seen) == 3 and all((k["t_sampling"], k["m"], k["s"]) == ("logit_normal", 0.3, 0.8) for k in seen)
+    with pytest.raises(ValueError, match="config differs.*t_sampling"):
+        train(_small_config(4), tmp_path / "ln", data=data, device="cpu", progress=False, resume=True)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(t_sampling="beta"), "t_sampling must be one of"),
+                                        (dict(logit_normal_s=-1.0), "logit_normal_s must be > 0")])
+def test_train_config_rejects_bad_timestep_densities(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)

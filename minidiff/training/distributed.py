@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from minidiff.guidance import condition_dropout
+from minidiff.losses import sample_t
 from minidiff.utils import randn
 
 __all__ = ["launched", "rank", "world_size", "is_main", "start", "batch_part", "wrap", "step_noise",
@@ -103,13 +104,14 @@ def wrap(net: nn.Module, device: torch.device) -> nn.Module:
 
 
 def step_noise(labels, shape: tuple, *, T: int, p_uncond: float, null_id: int, generator: torch.Generator,
-               part: slice, device, dtype) -> tuple:
+               part: slice, device, dtype, t_sampling: str = "uniform", m: float = 0.0, s: float = 1.0) -> tuple:
     """(labels, t, eps) of one training step, drawn for the whole global batch of ``shape`` (B, C, H, W) exactly as
     ``train_step`` and ``diffusion_loss`` draw them in one process (label dropout, then t, then eps), cut to
-    ``part``. ``labels`` are the global batch's (or None); the returned ones are dropped already."""
+    ``part``. ``labels`` are the global batch's (or None); the returned ones are dropped already. t follows
+    ``losses.sample_t`` (``t_sampling``, ``m``, ``s``)."""
     if labels is not None and p_uncond > 0:
         labels = condition_dropout(labels, p_uncond, null_id, generator=generator)
-    t = torch.randint(0, T, (shape[0],), generator=generator, device=generator.device).to(device)
+    t = sample_t(shape[0], T, generator=generator, t_sampling=t_sampling, m=m, s=s).to(device)
     noise = randn(shape, generator=generator, device=device, dtype=dtype)
     return (labels[part] if labels is not None else None), t[part], noise[part]
 

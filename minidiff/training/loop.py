@@ -22,6 +22,7 @@ from minidiff.data.datasets import DATASETS, load_dataset
 from minidiff.denoiser import PREDICTIONS, Denoiser
 from minidiff.files import hardware_info
 from minidiff.guidance import CFGDenoiser
+from minidiff.losses import T_SAMPLINGS
 from minidiff.models.unet import PRESETS, unet_from_preset
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.schedules import SCHEDULES, alphas_cumprod_from_betas, make_betas, sampling_sigmas
@@ -53,6 +54,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     min_snr_gamma: float | None = None
+    t_sampling: str = "uniform"  # density of the training t: "uniform", or "logit_normal" (SD3) with m, s below
+    logit_normal_m: float = 0.0
+    logit_normal_s: float = 1.0
     max_grad_norm: float = 1.0
     sample_every: int = 1000
     ckpt_every: int = 1000
@@ -75,6 +79,9 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, tuple(SCHEDULES))
         _check_choice("sampler", self.sampler, tuple(SAMPLERS))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        if not self.logit_normal_s > 0:
+            raise ValueError(f"logit_normal_s must be > 0 (Esser et al. 2024 use 1), got {self.logit_normal_s}")
         for name in ("T", "batch_size", "sample_every", "ckpt_every", "sample_steps", "val_every", "val_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -236,7 +243,7 @@ def _batch(data, config: TrainConfig, run: dict):
     labels, t, noise = distributed.step_noise(
         labels, (config.batch_size, *x0.shape[1:]), T=len(run["alphas_cumprod"]), p_uncond=config.p_uncond,
         null_id=len(data.class_names), generator=run["generators"]["noise"], part=run["part"], device=x0.device,
-        dtype=x0.dtype)
+        dtype=x0.dtype, t_sampling=config.t_sampling, m=config.logit_normal_m, s=config.logit_normal_s)
     return x0, labels, t, noise
 
 
