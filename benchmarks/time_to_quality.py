@@ -324,12 +324,11 @@ def run_recipe(recipe: str, work_dir: Path, data, device: torch.device, args) ->
     """Build a recipe's run (a fresh run folder for minidiff's, its config changed by ``--set``) and race it."""
     if recipe == "diffusers":
         return race(recipe, DiffusersRun(data, device, args.minutes * 60), args)
-    config = recipe_config(recipe, args.overrides)
     run_dir = work_dir / recipe
     if (run_dir / "checkpoint.safetensors").exists():
         raise ValueError(f"--work-dir {work_dir} already holds a checkpoint in {run_dir}; resuming it would start "
                          "the clock late. Give an empty --work-dir (or none: a temporary folder)")
-    return race(recipe_label(recipe, args.overrides), MinidiffRun(config, run_dir, data, device), args)
+    return race(recipe_label(recipe, args.overrides), MinidiffRun(args.configs[recipe], run_dir, data, device), args)
 
 
 def main(argv=None) -> dict:
@@ -352,8 +351,8 @@ def main(argv=None) -> dict:
     args.overrides = parse_set(args.set)
     if args.overrides and "diffusers" in args.recipes:
         raise ValueError("--set changes minidiff's recipes only; run diffusers without it")
-    for recipe in (r for r in args.recipes if r in CARDS):
-        recipe_config(recipe, args.overrides)  # a bad field or value fails now, not after an hour of training
+    # built once, here: a bad field or value fails now, not after an hour of training
+    args.configs = {r: recipe_config(r, args.overrides) for r in args.recipes if r in CARDS}
     if args.minutes <= 0 or args.eval_every_min <= 0:
         raise ValueError(f"--minutes and --eval-every-min must be > 0, got {args.minutes} and {args.eval_every_min}")
     if args.from_json:
@@ -378,7 +377,7 @@ def main(argv=None) -> dict:
     summaries = [summarize(r, args.threshold, args.minutes, tuple(args.also)) for r in rows]
     real = real_class_accuracy("fashion-mnist", args.n)
     print(table(summaries, args.threshold, real))
-    configs = {k: asdict(recipe_config(k, args.overrides)) for k in args.recipes if k in CARDS}
+    configs = {k: asdict(c) for k, c in args.configs.items()}  # replaces vars(args)'s TrainConfig objects
     result = {"settings": {**vars(args), "sampler": "dpmpp_2m", "steps": 20, "spacing": "trailing", "guidance": 1.0,
                            "seed": 0, "batch_size": BATCH_SIZE, "configs": configs},
               "hardware": hardware_info(device), "data_stand_in": data.stand_in,

@@ -69,11 +69,12 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction: str) -> torch
 def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps", *,
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                   t_sampling: str = "uniform", **cond) -> torch.Tensor:
+                   **cond) -> torch.Tensor:
     """Scalar MSE between net(x_t, t, **cond) and the target of ``prediction`` (DDPM L_simple, Ho et al. 2020, Eq. 14).
 
-    t (``sample_t`` with ``t_sampling``, m = 0, s = 1) and eps ~ N(0, I) are drawn from ``generator`` unless given;
-    ``min_snr_gamma`` adds per-sample weights (see ``min_snr_weights``). The net receives t as a float (B,) tensor.
+    t ~ U{0..T-1} and eps ~ N(0, I) are drawn from ``generator`` unless given (pass t from ``sample_t`` for another
+    density); ``min_snr_gamma`` adds per-sample weights (see ``min_snr_weights``). The net receives t as a float (B,)
+    tensor.
     """
     row = get_parameterization(prediction)
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
@@ -81,7 +82,7 @@ def diffusion_loss(net: nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tenso
         raise ValueError(f"prediction={prediction!r} with a zero-terminal-SNR schedule: {_EPS_AT_ZERO_SNR}")
     B, T = x0.shape[0], len(ab)
     if t is None:
-        t = sample_t(B, T, generator=generator, device=x0.device, t_sampling=t_sampling).to(x0.device)
+        t = sample_t(B, T, generator=generator, device=x0.device).to(x0.device)
     if noise is None:
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(x0, t, noise, ab)

@@ -605,7 +605,6 @@ def test_encoder_init_clip_starts_the_joint_encoder_from_the_clip_tower_and_trai
         build_text_net(config)
 
 
-
 def test_cli_loads_the_clip_it_is_given_for_encoder_init(tmp_path, capsys):
     """--clip names the tiny CLIP that --encoder-init clip starts from (the shipped budget model's is not the
     shipped shapes-clip); a missing one is a one-line error before any latents are made."""

@@ -171,8 +171,9 @@ def _setup(config: TextTrainConfig, device, clip, resume_from: Path | None = Non
     resumed_fine_tune = resume_from is not None and config.init is not None  # its own net, not the init file's
     net = (text_net_from_spec({**checkpoint_config(resume_from), "inpainting": config.inpainting})
            if resumed_fine_tune else build_text_net(config, clip=clip)).to(device)
-    scale = None if config.encoder_lr_scale == 1.0 else {"text_encoder": config.encoder_lr_scale}  # None: 2 groups,
-    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup, lr_scale=scale,  # as before
+    # None keeps the two AdamW groups of older checkpoints, so they still resume
+    scale = None if config.encoder_lr_scale == 1.0 else {"text_encoder": config.encoder_lr_scale}
+    optimizer, scheduler = make_optimizer(net, lr=config.lr, warmup_steps=config.warmup, lr_scale=scale,
                                           lr_schedule=config.lr_schedule, total_steps=config.steps)
     gens = {"data": torch.Generator().manual_seed(config.seed), "noise": torch.Generator(device).manual_seed(config.seed + 1)}
     return {"net": net, "ema": EMA(net, config.ema_decay), "optimizer": optimizer, "scheduler": scheduler,
